@@ -1,0 +1,418 @@
+"""Reading inputs of any length through a fixed-size compressed KV cache.
+
+``apply`` runs the model over T new tokens (a chunk of B = chunk_size tokens, or one decode
+token) given the state; every layer attends over [M cache slots ; raw window] and, when the
+window is full, its policy compresses the M + B entries into the next M slots. ``scan_chunks``
+is the ``lax.scan`` of ``apply`` over chunks (pure, differentiable: the training loss uses it);
+``run_long`` drives it over an input of any length in fixed-size segments, so one compiled
+program serves every length.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lococo_jax import llama, policies
+from lococo_jax.config import CompressionConfig, LlamaConfig
+from lococo_jax.kv_state import KVState, check_state, init_state
+from lococo_jax.policies.base import Entries, Slots, gather, take
+
+OUTPUTS = ("logits", "nll", "last")
+
+
+class StepInfo(NamedTuple):
+    """What every layer of one ``apply`` shares.
+
+    positions [b, T] int32; mask [b, T, M + W] bool; qvalid [b, T] bool; n_new, filled,
+    win_valid (after this step's tokens), seen (after) [b] int32; win_len [] int32 (before)."""
+
+    positions: jax.Array
+    mask: jax.Array
+    qvalid: jax.Array
+    n_new: jax.Array
+    filled: jax.Array
+    win_valid: jax.Array
+    win_len: jax.Array
+    seen: jax.Array
+
+
+def _step_info(state: KVState, n_new: jax.Array, T: int) -> StepInfo:
+    M, W = state.cache_size, state.window_size
+    t = jnp.arange(T, dtype=jnp.int32)
+    positions = state.seen[:, None] + t[None, :]
+    win_valid = state.win_valid + n_new
+    slot_ok = jnp.arange(M)[None, :] < state.filled[:, None]  # [b, M]
+    w = jnp.arange(W)
+    win_ok = (w[None, None, :] < win_valid[:, None, None]) & (
+        w[None, None, :] <= state.win_len + t[None, :, None]
+    )  # [b, T, W]
+    slot_ok = jnp.broadcast_to(slot_ok[:, None, :], (slot_ok.shape[0], T, M))
+    return StepInfo(
+        positions=positions,
+        mask=jnp.concatenate([slot_ok, win_ok], axis=-1),
+        qvalid=t[None, :] < n_new[:, None],
+        n_new=n_new,
+        filled=state.filled,
+        win_valid=win_valid,
+        win_len=state.win_len,
+        seen=state.seen + n_new,
+    )
+
+
+def _entries(cfg: LlamaConfig, ls: dict[str, jax.Array], g: StepInfo) -> Entries:
+    """Slots + window of one layer, compacted so the valid entries come first (in order)."""
+    M, W = ls["k"].shape[2], ls["win_k"].shape[2]
+    b, kv = ls["k"].shape[:2]
+    valid = jnp.concatenate(
+        [jnp.arange(M)[None] < g.filled[:, None], jnp.arange(W)[None] < g.win_valid[:, None]],
+        axis=-1,
+    )  # [b, S]
+    win_pos = (g.seen - g.win_valid)[:, None] + jnp.arange(W, dtype=jnp.int32)[None]
+    pos = jnp.concatenate([ls["pos"], jnp.broadcast_to(win_pos[:, None], (b, kv, W))], axis=2)
+    acc = jnp.concatenate([ls["score"], jnp.zeros((b, kv, W), jnp.float32)], axis=2)
+    order = jnp.argsort(~valid, axis=-1, stable=True).astype(jnp.int32)  # [b, S]
+    horder = jnp.broadcast_to(order[:, None], (b, kv, M + W))
+    hvalid = jnp.broadcast_to(take_valid(valid, order)[:, None], (b, kv, M + W))
+    k = jnp.concatenate([ls["k"], ls["win_k"]], axis=2)
+    v = jnp.concatenate([ls["v"], ls["win_v"]], axis=2)
+    zero = jnp.zeros((), k.dtype)
+    return Entries(
+        k=jnp.where(hvalid[..., None], take(k, horder), zero),
+        v=jnp.where(hvalid[..., None], take(v, horder), zero),
+        pos=jnp.where(hvalid, take(pos, horder), -1),
+        valid=hvalid,
+        acc=take(acc + ls["win_score"], horder),
+        chunk=take(ls["win_score"], horder),
+        last=jnp.take_along_axis(ls["last_score"], order, axis=-1),
+        n_valid=g.filled + g.win_valid,
+    )
+
+
+def take_valid(valid: jax.Array, order: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(valid, order, axis=-1)
+
+
+def _compress(cfg: LlamaConfig, ccfg: CompressionConfig, cp: Any, ls, g: StepInfo) -> Slots:
+    """The next M slots: the valid entries while they fit, else the policy's choice (per row)."""
+    e = _entries(cfg, ls, g)
+    M = ccfg.cache_size
+    b, kv = e.valid.shape[:2]
+    fill = gather(e, jnp.broadcast_to(jnp.arange(M, dtype=jnp.int32), (b, kv, M)))
+    if ccfg.policy == "full":
+        return fill
+    out = policies.get(ccfg.policy)(ccfg, cp, e)
+    fits = e.n_valid <= M
+
+    def pick(f, o):
+        return jnp.where(fits.reshape((b,) + (1,) * (f.ndim - 1)), f, o)
+
+    return Slots(*(pick(f, o) for f, o in zip(fill, out, strict=True)))
+
+
+def _layer(
+    cfg: LlamaConfig,
+    ccfg: CompressionConfig,
+    compress: bool,
+    lora_scale: float,
+    g: StepInfo,
+    x: jax.Array,
+    lp: Any,
+    ll: Any,
+    cp: Any,
+    ls: dict[str, jax.Array],
+):
+    """One decoder layer over T new tokens. x [b, T, hidden] -> (x, this layer's new state)."""
+    q, k, v = llama.qkv(cfg, lp, x, g.positions, ll, lora_scale)
+    dtype = ls["win_k"].dtype
+    win_k = jax.lax.dynamic_update_slice_in_dim(
+        ls["win_k"], k.transpose(0, 2, 1, 3).astype(dtype), g.win_len, axis=2
+    )
+    win_v = jax.lax.dynamic_update_slice_in_dim(
+        ls["win_v"], v.transpose(0, 2, 1, 3).astype(dtype), g.win_len, axis=2
+    )
+    keys = jnp.concatenate([ls["k"], win_k], axis=2).transpose(0, 2, 1, 3)
+    vals = jnp.concatenate([ls["v"], win_v], axis=2).transpose(0, 2, 1, 3)
+    out, probs = llama.attend(cfg, q, keys.astype(q.dtype), vals.astype(q.dtype), g.mask)
+    # probs [b, kv, group, T, S]: scores summed over this step's valid queries and group heads.
+    probs = jnp.where(g.qvalid[:, None, None, :, None], probs, 0.0)
+    win_score = ls["win_score"] + probs.sum(axis=(2, 3))
+    last_t = jnp.maximum(g.n_new - 1, 0)
+    last = jnp.take_along_axis(probs.mean(axis=(1, 2)), last_t[:, None, None], axis=1)[:, 0]
+    last_score = jnp.where(g.n_new[:, None] > 0, last, ls["last_score"])
+    x = llama.attn_out_and_mlp(cfg, lp, x, out, ll, lora_scale)
+
+    new = dict(ls, win_k=win_k, win_v=win_v, win_score=win_score, last_score=last_score)
+    if compress:
+        slots = _compress(cfg, ccfg, cp, new, g)
+        new.update(
+            k=slots.k,
+            v=slots.v,
+            pos=slots.pos,
+            score=slots.score,
+            win_score=jnp.zeros_like(win_score),
+            last_score=jnp.zeros_like(last_score),
+        )
+    return x, new
+
+
+def _run_layers(params, tokens, state, g, cfg, ccfg, compress: bool, lora_scale: float):
+    def body(x, xs):
+        lp, ll, cp, ls = xs
+        return _layer(cfg, ccfg, compress, lora_scale, g, x, lp, ll, cp, ls)
+
+    xs = (params["layers"], params.get("lora"), params.get("lococo"), state.layer_fields())
+    x, new_layers = jax.lax.scan(body, llama.embed(params, tokens), xs)
+    M, T = state.cache_size, tokens.shape[1]
+    if compress:
+        glob = dict(
+            filled=jnp.minimum(g.filled + g.win_valid, M),
+            win_valid=jnp.zeros_like(g.win_valid),
+            win_len=jnp.zeros_like(g.win_len),
+        )
+    else:
+        glob = dict(filled=g.filled, win_valid=g.win_valid, win_len=g.win_len + T)
+    return llama.lm_head(cfg, params, x), state.replace(**new_layers, **glob, seen=g.seen)
+
+
+def apply(
+    params: dict[str, Any],
+    tokens: jax.Array,
+    state: KVState,
+    cfg: LlamaConfig,
+    ccfg: CompressionConfig,
+    *,
+    n_new: jax.Array | None = None,
+    lora_scale: float = 1.0,
+) -> tuple[jax.Array, KVState]:
+    """Run T new tokens through the model with the compressed cache.
+
+    tokens [b, T] with T <= chunk_size; n_new [b] int32: how many of each row's T tokens are
+    real (the rest is padding; default all). A full chunk (T == chunk_size) needs an empty raw
+    window (true after every chunk and every compression) and always ends compressed; shorter
+    calls (decoding) append to the window and compress when it becomes full.
+    Returns logits [b, T, vocab] fp32 and the new state.
+    """
+    b, T = tokens.shape
+    W = ccfg.chunk_size
+    check_state(state, cfg, ccfg, b)
+    if T > W:
+        raise ValueError(f"apply takes at most chunk_size={W} tokens per call, got {T}")
+    if ccfg.policy == "lococo" and "lococo" not in params:
+        raise ValueError("policy 'lococo' needs params['lococo'] (see policies.init_params)")
+    if n_new is None:
+        n_new = jnp.full((b,), T, jnp.int32)
+    g = _step_info(state, n_new.astype(jnp.int32), T)
+    run = functools.partial(_run_layers, params, tokens, state, g, cfg, ccfg)
+    if T == W:
+        return run(True, lora_scale)
+    return jax.lax.cond(
+        state.win_len + T >= W, lambda: run(True, lora_scale), lambda: run(False, lora_scale)
+    )
+
+
+def flush(
+    params: dict[str, Any], state: KVState, cfg: LlamaConfig, ccfg: CompressionConfig
+) -> KVState:
+    """Compress whatever the raw window holds into the slots (no new tokens)."""
+    b = state.batch
+    g = _step_info(state, jnp.zeros((b,), jnp.int32), 1)
+    dummy = jnp.zeros((b, 1), jnp.int32)
+    _, new = _run_layers(params, dummy, state, g, cfg, ccfg, True, 1.0)
+    return new
+
+
+def scan_chunks(
+    params: dict[str, Any],
+    state: KVState,
+    tokens: jax.Array,
+    n_new: jax.Array,
+    cfg: LlamaConfig,
+    ccfg: CompressionConfig,
+    *,
+    targets: jax.Array | None = None,
+    output: str = "nll",
+    last_logits: jax.Array | None = None,
+    remat: bool = False,
+    truncate: bool = False,
+    skip_empty: bool = False,
+    lora_scale: float = 1.0,
+):
+    """``lax.scan`` of ``apply`` over chunks. Pure and differentiable.
+
+    tokens [n, b, B]; n_new [n, b] valid tokens per chunk and row; targets [n, b, B] (next
+    token ids, -1 = no target) for output="nll". Returns (state, last_logits [b, vocab], ys)
+    with ys = logits [n, b, B, vocab] ("logits"), per-token NLL [n, b, B] fp32, 0 where there
+    is no target ("nll"), or None ("last"). last_logits: each row's logits at its last valid
+    token. remat recomputes each chunk in the backward pass; truncate stops gradients between
+    chunks (the official code's per-chunk truncation); skip_empty skips all-padding chunks.
+    """
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    n, b, B = tokens.shape
+    if B != ccfg.chunk_size:
+        raise ValueError(f"tokens chunk axis is {B}, config chunk_size is {ccfg.chunk_size}")
+    if output == "nll" and targets is None:
+        raise ValueError("output='nll' needs targets")
+    if targets is None:
+        targets = jnp.full(tokens.shape, -1, jnp.int32)
+    if last_logits is None:
+        last_logits = jnp.zeros((b, cfg.vocab_size), jnp.float32)
+
+    def chunk(carry, xs):
+        st, last = carry
+        tok, nn, tgt = xs
+        if truncate:
+            st = jax.lax.stop_gradient(st)
+        logits, st = apply(params, tok, st, cfg, ccfg, n_new=nn, lora_scale=lora_scale)
+        at_last = jnp.take_along_axis(logits, jnp.maximum(nn - 1, 0)[:, None, None], axis=1)
+        last = jnp.where(nn[:, None] > 0, at_last[:, 0], last)
+        if output == "logits":
+            y = logits
+        elif output == "nll":
+            logp = jax.nn.log_softmax(logits, axis=-1)
+            picked = jnp.take_along_axis(logp, jnp.maximum(tgt, 0)[..., None], axis=-1)[..., 0]
+            y = jnp.where(tgt >= 0, -picked, 0.0)
+        else:
+            y = None
+        return (st, last), y
+
+    def empty(carry, xs):
+        tok = xs[0]
+        if output == "logits":
+            return carry, jnp.zeros(tok.shape + (cfg.vocab_size,), jnp.float32)
+        return carry, (jnp.zeros(tok.shape, jnp.float32) if output == "nll" else None)
+
+    body = jax.checkpoint(chunk) if remat else chunk
+    if skip_empty:
+        inner = body
+
+        def body(carry, xs):
+            return jax.lax.cond(jnp.any(xs[1] > 0), inner, empty, carry, xs)
+
+    (state, last_logits), ys = jax.lax.scan(
+        body, (state, last_logits), (tokens, n_new.astype(jnp.int32), targets)
+    )
+    return state, last_logits, ys
+
+
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "ccfg", "output", "lora_scale"), donate_argnums=(1,)
+)
+def _segment(params, state, tokens, n_new, targets, last_logits, cfg, ccfg, output, lora_scale):
+    return scan_chunks(
+        params,
+        state,
+        tokens,
+        n_new,
+        cfg,
+        ccfg,
+        targets=targets,
+        output=output,
+        last_logits=last_logits,
+        skip_empty=True,
+        lora_scale=lora_scale,
+    )
+
+
+class LongResult(NamedTuple):
+    """out: logits [b, L, vocab] / NLL [b, L] (position i scores token i + 1) / None;
+    last_logits [b, vocab] at each row's last token; the final state."""
+
+    out: np.ndarray | None
+    last_logits: jax.Array
+    state: KVState
+
+
+def check_fits_full(ccfg: CompressionConfig, total: int) -> None:
+    if ccfg.policy == "full" and total > ccfg.cache_size:
+        raise ValueError(
+            f"policy 'full' keeps every token: cache_size={ccfg.cache_size} is smaller than the "
+            f"{total} tokens it must hold; raise cache_size or pick a compressing policy"
+        )
+
+
+def iter_segments(
+    tokens: np.ndarray, lengths: np.ndarray, B: int, seg_chunks: int
+) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """Split [b, L] tokens into padded segments of seg_chunks chunks of B tokens.
+
+    Yields (start, tokens [n, b, B], n_new [n, b], targets [n, b, B]) with next-token targets
+    (-1 past each row's length)."""
+    b, L = tokens.shape
+    span = seg_chunks * B
+    padded = -(-max(L, 1) // span) * span
+    tok = np.zeros((b, padded + 1), np.int32)
+    tok[:, :L] = tokens
+    idx = np.arange(padded + 1)
+    tgt = np.where(idx[None, 1:] < lengths[:, None], tok[:, 1:], -1).astype(np.int32)
+    for start in range(0, padded, span):
+        seg = tok[:, start : start + span].reshape(b, seg_chunks, B).transpose(1, 0, 2)
+        seg_tgt = tgt[:, start : start + span].reshape(b, seg_chunks, B).transpose(1, 0, 2)
+        chunk_start = start + B * np.arange(seg_chunks)
+        n_new = np.clip(lengths[None, :] - chunk_start[:, None], 0, B).astype(np.int32)
+        yield start, seg, n_new, seg_tgt
+
+
+def run_long(
+    params: dict[str, Any],
+    tokens: np.ndarray,
+    cfg: LlamaConfig,
+    ccfg: CompressionConfig,
+    *,
+    lengths: np.ndarray | None = None,
+    output: str = "nll",
+    state: KVState | None = None,
+    segment_chunks: int = 8,
+    lora_scale: float = 1.0,
+    progress: Any = None,
+) -> LongResult:
+    """Read tokens [b, L] (any L; rows may have their own ``lengths`` [b]) chunk by chunk.
+
+    The input is fed in segments of ``segment_chunks`` chunks, each one call of the same
+    compiled ``lax.scan`` (padding chunks are skipped), so every length reuses one program and
+    device memory does not grow with L. ``progress``: an optional tqdm bar updated in tokens.
+    """
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+    llama.check_tokens(tokens, cfg)
+    b, L = tokens.shape
+    lengths = np.full((b,), L) if lengths is None else np.asarray(lengths)
+    if lengths.shape != (b,) or (lengths < 0).any() or (lengths > L).any():
+        raise ValueError(f"lengths must be [batch] in [0, {L}], got {lengths}")
+    if state is None:
+        dtype = params["embed"].dtype
+        state = init_state(cfg, ccfg, b, dtype)
+    else:
+        check_state(state, cfg, ccfg, b)
+        if int(state.win_len) != 0:
+            raise ValueError("run_long needs an empty raw window; call longctx.flush first")
+    check_fits_full(ccfg, int(lengths.max(initial=0)) + int(np.max(state.seen)))
+    last = jnp.zeros((b, cfg.vocab_size), jnp.float32)
+    outs = []
+    for _, seg, n_new, tgt in iter_segments(tokens, lengths, ccfg.chunk_size, segment_chunks):
+        state, last, ys = _segment(
+            params,
+            state,
+            jnp.asarray(seg),
+            jnp.asarray(n_new),
+            jnp.asarray(tgt),
+            last,
+            cfg,
+            ccfg,
+            output,
+            lora_scale,
+        )
+        if ys is not None:
+            ys = np.asarray(ys)  # [n, b, B(, V)] -> [b, n*B(, V)]
+            outs.append(np.moveaxis(ys, 0, 1).reshape((b, -1) + ys.shape[3:]))
+        if progress is not None:
+            progress.update(int(n_new.sum()))
+    out = np.concatenate(outs, axis=1)[:, :L] if outs else None
+    return LongResult(out, last, state)

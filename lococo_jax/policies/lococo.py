@@ -1,0 +1,107 @@
+"""LoCoCo: heavy hitters plus a learned convolutional fusion of the rest (DESIGN.md steps 1-7).
+
+Per layer, per batch element and KV head, over the S = M + W entries with scores s (the
+attention this chunk's queries paid to each entry):
+  1. C = floor(M (1 - r)) fused slots, keep = M - C heavy-hitter slots;
+  2. heavy hitters: the last local_len entries plus the top (keep - local_len) scores of the
+     others, in original order;
+  3. the other N = S - keep entries in original order ("rest"), with scores s';
+  4. R [C, N]: row j one-hot at the j-th (by position) of the C top-scored rest entries;
+  5. A = softmax_N(act(conv(concat(K_rest, V_rest))))  [C, N];
+  6. W = a A + (1 - a) R;
+  7. new slots = [heavy hitters ; W K_rest, W V_rest].
+Steps 5 and the products A K, A V are kernels.lococo_fusion.conv_softmax_mix (Pallas or its
+jnp reference); the one-hot residual is a gather, never a dense matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from kernels.lococo_fusion import conv_softmax_mix
+from lococo_jax.config import CompressionConfig, LlamaConfig
+from lococo_jax.policies.base import (
+    Entries,
+    Slots,
+    mask_to_sorted_idx,
+    recent_mask,
+    take,
+    top_mask,
+)
+
+
+def conv_channels(cfg: LlamaConfig, ccfg: CompressionConfig) -> list[tuple[int, int]]:
+    """(in, out) channels of each conv layer: 2d -> C*expand -> ... -> C."""
+    C = ccfg.num_fused
+    chans = [2 * cfg.head_dim] + [C * ccfg.expand] * (ccfg.n_convlayer - 1) + [C]
+    return list(zip(chans[:-1], chans[1:], strict=True))
+
+
+def init_params(key: jax.Array, cfg: LlamaConfig, ccfg: CompressionConfig) -> dict[str, Any]:
+    """One compressor per layer, stacked on L: convs[i].w [L, k, in, out] ~ N(0, 1) (as the
+    official code), convs[i].b [L, out] ~ U(+-1/sqrt(in*k)) (torch Conv1d's default),
+    normalizer [L] = normalizer_init."""
+    L, k = cfg.num_hidden_layers, ccfg.kernel_size
+    convs = []
+    for cin, cout in conv_channels(cfg, ccfg):
+        key, kw, kb = jax.random.split(key, 3)
+        bound = 1.0 / math.sqrt(cin * k)
+        convs.append(
+            {
+                "w": jax.random.normal(kw, (L, k, cin, cout), jnp.float32),
+                "b": jax.random.uniform(kb, (L, cout), jnp.float32, -bound, bound),
+            }
+        )
+    return {"convs": convs, "normalizer": jnp.full((L,), ccfg.normalizer_init, jnp.float32)}
+
+
+def resolve_impl(ccfg: CompressionConfig) -> str:
+    """fusion_impl 'auto': the Pallas kernel on GPU/TPU, the jnp reference on CPU."""
+    if ccfg.fusion_impl != "auto":
+        return ccfg.fusion_impl
+    return "reference" if jax.default_backend() == "cpu" else "pallas"
+
+
+def compress(ccfg: CompressionConfig, params: dict[str, Any], e: Entries) -> Slots:
+    """params: this layer's compressor (convs[i].w [k, in, out], .b [out]; normalizer [])."""
+    C, keep, local = ccfg.num_fused, ccfg.num_heavy, ccfg.local_len
+    b, h, S, d = e.k.shape
+    N = S - keep
+
+    # Steps 1-3: heavy hitters and the rest, both in original order.
+    local_mask = recent_mask(e, local)
+    heavy_mask = local_mask | top_mask(e.chunk, e.valid & ~local_mask, keep - local)
+    heavy_idx = mask_to_sorted_idx(heavy_mask, keep)
+    rest_idx = mask_to_sorted_idx(~heavy_mask, N)  # valid rest first, then invalid entries
+    k_rest, v_rest = take(e.k, rest_idx), take(e.v, rest_idx)
+    rest_valid = take(e.valid, rest_idx)
+
+    # Step 4: residual anchors, the C top-scored rest entries in position order.
+    anchor = mask_to_sorted_idx(top_mask(take(e.chunk, rest_idx), rest_valid, C), C)
+
+    # Steps 5-7.
+    n_rest = (e.n_valid - keep).astype(jnp.int32)
+    layers = [(c["w"].astype(jnp.float32), c["b"].astype(jnp.float32)) for c in params["convs"]]
+    ak, av = conv_softmax_mix(
+        k_rest.reshape(b * h, N, d),
+        v_rest.reshape(b * h, N, d),
+        layers,
+        jnp.repeat(jnp.maximum(n_rest, 1), h),
+        activation=ccfg.activation,
+        impl=resolve_impl(ccfg),
+    )
+    a = params["normalizer"]
+    fused_k = a * ak.reshape(b, h, C, d).astype(jnp.float32) + (1 - a) * take(k_rest, anchor)
+    fused_v = a * av.reshape(b, h, C, d).astype(jnp.float32) + (1 - a) * take(v_rest, anchor)
+
+    rest_pos, rest_acc = take(e.pos, rest_idx), take(e.acc, rest_idx)
+    return Slots(
+        k=jnp.concatenate([take(e.k, heavy_idx), fused_k.astype(e.k.dtype)], axis=2),
+        v=jnp.concatenate([take(e.v, heavy_idx), fused_v.astype(e.v.dtype)], axis=2),
+        pos=jnp.concatenate([take(e.pos, heavy_idx), take(rest_pos, anchor)], axis=2),
+        score=jnp.concatenate([take(e.acc, heavy_idx), take(rest_acc, anchor)], axis=2),
+    )
