@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny random Llama (GQA) that every core test can build in milliseconds."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+
+from lococo_jax import llama  # noqa: E402
+from lococo_jax.config import LlamaConfig  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rope_theta=10000.0,
+        max_position_embeddings=256,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_params(tiny_cfg):
+    # std 0.1: logits of order 1, attention far from uniform.
+    return llama.init_params(tiny_cfg, jax.random.PRNGKey(0), jnp.float32, std=0.1)
+
+
+@pytest.fixture(scope="session")
+def peaky_params(tiny_cfg):
+    # Peaked attention, so policy choices are decided by clear score gaps, not float noise.
+    return llama.init_params(tiny_cfg, jax.random.PRNGKey(0), jnp.float32, std=0.3)

@@ -1,0 +1,165 @@
+"""The LoCoCo policy against a plain loop implementation of DESIGN.md's steps 1-7, and the
+gradients that train it."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lococo_jax import longctx, policies
+from lococo_jax.config import CompressionConfig, LlamaConfig
+from lococo_jax.kv_state import init_state
+from lococo_jax.policies import lococo
+from lococo_jax.policies.base import Entries
+
+
+def np_fusion(K, V, s, convs, a, M, r, local, ksize):
+    """One (batch, head): K, V [S, d]; s [S]; convs [(w [k, in, out], b [out])]. Loops."""
+    S, d = K.shape
+    C = int(M * (1 - r))
+    keep = M - C
+    loc = list(range(S - local, S))
+    others = [i for i in range(S) if i not in loc]
+    by_score = sorted(others, key=lambda i: (-s[i], i))[: keep - local]
+    heavy = sorted(loc + by_score)
+    rest = [i for i in range(S) if i not in heavy]
+    N = len(rest)
+    s_rest = [s[i] for i in rest]
+    anchors = sorted(sorted(range(N), key=lambda j: (-s_rest[j], j))[:C])
+    R = np.zeros((C, N))
+    for j, n in enumerate(anchors):
+        R[j, n] = 1.0
+    x = np.concatenate([K[rest], V[rest]], axis=1).T  # [2d, N]
+    pad = (ksize - 1) // 2
+    for w, b in convs:
+        cin, cout = w.shape[1], w.shape[2]
+        y = np.zeros((cout, N))
+        for o in range(cout):
+            for n in range(N):
+                acc = b[o]
+                for t in range(ksize):
+                    src = n + t - pad
+                    if 0 <= src < N:
+                        acc += sum(w[t, c, o] * x[c, src] for c in range(cin))
+                y[o, n] = max(acc, 0.0)  # relu after every layer
+        x = y
+    A = np.exp(x - x.max(axis=1, keepdims=True))
+    A /= A.sum(axis=1, keepdims=True)
+    W = a * A + (1 - a) * R
+    return np.concatenate([K[heavy], W @ K[rest]]), np.concatenate([V[heavy], W @ V[rest]]), W
+
+
+def _cfg(d):
+    return LlamaConfig(
+        vocab_size=11,
+        hidden_size=2 * d,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=d,
+    )
+
+
+@pytest.mark.parametrize(
+    "r, local, n_conv, expand",
+    [
+        (0.5, 0, 1, 1),
+        (0.25, 0, 1, 1),
+        (0.5, 4, 1, 1),
+        (0.25, 4, 2, 2),
+        (0.5, 0, 2, 1),
+        (0.5, 4, 2, 2),
+    ],
+)
+def test_fused_slots_equal_loop_implementation(r, local, n_conv, expand):
+    d, M, B, ksize, b, h = 4, 16, 8, 3, 2, 2
+    S = M + B
+    ccfg = CompressionConfig(
+        policy="lococo",
+        cache_size=M,
+        chunk_size=B,
+        hh_keep_rate=r,
+        local_len=local,
+        kernel_size=ksize,
+        n_convlayer=n_conv,
+        expand=expand,
+        normalizer_init=0.3,
+        fusion_impl="reference",
+    )
+    cfg = _cfg(d)
+    rng = np.random.RandomState(0)
+    K = rng.randn(b, h, S, d).astype(np.float32) * 0.3
+    V = rng.randn(b, h, S, d).astype(np.float32)
+    s = rng.rand(b, h, S).astype(np.float32)
+    params = lococo.init_params(jax.random.PRNGKey(1), cfg, ccfg)
+    layer = jax.tree.map(lambda x: x[0], params)
+    e = Entries(
+        k=jnp.asarray(K),
+        v=jnp.asarray(V),
+        pos=jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (b, h, S)),
+        valid=jnp.ones((b, h, S), bool),
+        acc=jnp.asarray(s),
+        chunk=jnp.asarray(s),
+        last=jnp.zeros((b, S)),
+        n_valid=jnp.full((b,), S, jnp.int32),
+    )
+    out = lococo.compress(ccfg, layer, e)
+    convs = [
+        (np.asarray(c["w"], np.float64), np.asarray(c["b"], np.float64)) for c in layer["convs"]
+    ]
+    keep = ccfg.num_heavy
+    for bi in range(b):
+        for hi in range(h):
+            fk, fv, W = np_fusion(
+                K[bi, hi].astype(np.float64),
+                V[bi, hi].astype(np.float64),
+                s[bi, hi],
+                convs,
+                0.3,
+                M,
+                r,
+                local,
+                ksize,
+            )
+            np.testing.assert_allclose(np.asarray(out.k[bi, hi]), fk, atol=1e-5, rtol=1e-5)
+            np.testing.assert_allclose(np.asarray(out.v[bi, hi]), fv, atol=1e-5, rtol=1e-5)
+            np.testing.assert_allclose(W.sum(axis=1), 1.0, atol=1e-12)  # the loop's own rows
+            # Heavy hitters are copied unchanged (bit-exact).
+            heavy_pos = np.asarray(out.pos[bi, hi, :keep])
+            np.testing.assert_array_equal(np.asarray(out.k[bi, hi, :keep]), K[bi, hi][heavy_pos])
+    # Mixing rows sum to 1: values of all ones fuse to exactly ones.
+    ones = e._replace(v=jnp.ones_like(e.v))
+    np.testing.assert_allclose(np.asarray(lococo.compress(ccfg, layer, ones).v), 1.0, atol=1e-6)
+
+
+def test_gradients_reach_compressors_through_compressing_chunks(tiny_cfg, tiny_params):
+    ccfg = CompressionConfig(policy="lococo", cache_size=16, chunk_size=8, kernel_size=3)
+    params = dict(tiny_params, lococo=policies.init_params(jax.random.PRNGKey(2), tiny_cfg, ccfg))
+    n = 6  # 48 tokens through a 16-slot cache: four compressing chunks
+    toks = jnp.asarray(np.random.RandomState(0).randint(0, tiny_cfg.vocab_size, (n, 1, 8)))
+    tgt = jnp.concatenate([toks.reshape(1, -1)[:, 1:], -jnp.ones((1, 1), jnp.int32)], 1)
+
+    def loss(lococo_params):
+        p = dict(params, lococo=lococo_params)
+        _, _, nll = longctx.scan_chunks(
+            p,
+            init_state(tiny_cfg, ccfg, 1),
+            toks,
+            jnp.full((n, 1), 8),
+            tiny_cfg,
+            ccfg,
+            targets=tgt.reshape(n, 1, 8),
+            output="nll",
+            remat=True,
+        )
+        return nll.sum() / (n * 8 - 1)
+
+    grads = jax.grad(loss)(params["lococo"])
+    for leaf in jax.tree.leaves(grads):
+        assert np.isfinite(np.asarray(leaf)).all()
+    for li in range(tiny_cfg.num_hidden_layers):
+        assert np.abs(np.asarray(grads["convs"][0]["w"][li])).max() > 0
+        assert np.abs(np.asarray(grads["normalizer"][li])) > 0
