@@ -1,0 +1,3 @@
+from lococo_jax.cli import main
+
+main()

@@ -1,0 +1,95 @@
+"""Trained LoCoCo compressor weights alone (params["lococo"]): small, shareable files.
+
+Format: one safetensors file with flat keys ``convs.{i}.w`` [L, k, in, out], ``convs.{i}.b``
+[L, out], ``normalizer`` [L], and metadata holding the CompressionConfig (JSON) and free-form
+provenance (model, command, data split). safetensors rather than orbax because the file is
+meant to be committed, diffed by size, and read without a checkpoint directory layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+from lococo_jax.config import CompressionConfig, LlamaConfig
+from lococo_jax.policies import lococo
+
+ASSETS = Path(__file__).resolve().parent / "assets" / "compressors"
+
+
+def save_compressors(
+    path: str | Path,
+    params: dict[str, Any],
+    ccfg: CompressionConfig,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write params (the lococo subtree) atomically: a temp file renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"normalizer": np.asarray(params["normalizer"], np.float32)}
+    for i, conv in enumerate(params["convs"]):
+        tensors[f"convs.{i}.w"] = np.asarray(conv["w"], np.float32)
+        tensors[f"convs.{i}.b"] = np.asarray(conv["b"], np.float32)
+    metadata = {
+        "compression_config": json.dumps(dataclasses.asdict(ccfg)),
+        "meta": json.dumps(meta or {}),
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_compressors(
+    path: str | Path, cfg: LlamaConfig
+) -> tuple[dict[str, Any], CompressionConfig, dict[str, Any]]:
+    """-> (lococo params, the CompressionConfig they were trained with, provenance)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"compressor weights not found: {path}")
+    with safe_open(str(path), framework="numpy") as f:
+        md = f.metadata() or {}
+    if "compression_config" not in md:
+        raise ValueError(f"{path}: no 'compression_config' metadata; not a compressor file")
+    ccfg = CompressionConfig(**json.loads(md["compression_config"]))
+    tensors = load_file(str(path))
+    n = ccfg.n_convlayer
+    params = {
+        "convs": [
+            {"w": jnp.asarray(tensors[f"convs.{i}.w"]), "b": jnp.asarray(tensors[f"convs.{i}.b"])}
+            for i in range(n)
+        ],
+        "normalizer": jnp.asarray(tensors["normalizer"]),
+    }
+    expected = jax.eval_shape(lambda: lococo.init_params(jax.random.PRNGKey(0), cfg, ccfg))
+    for (kp, got), want in zip(
+        jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(expected), strict=True
+    ):
+        if got.shape != want.shape:
+            raise ValueError(
+                f"{path}: tensor {jax.tree_util.keystr(kp)} has shape {got.shape}, but the model "
+                f"(layers={cfg.num_hidden_layers}, head_dim={cfg.head_dim}) with this "
+                f"compression config expects {want.shape}"
+            )
+    return params, ccfg, json.loads(md.get("meta", "{}"))
+
+
+def default_compressors(cache_size: int, chunk_size: int = 128) -> Path | None:
+    """The committed compressors for the embedded SmolLM2-135M at (M, B), if any."""
+    p = ASSETS / f"smollm2-135m_M{cache_size}_B{chunk_size}.safetensors"
+    return p if p.is_file() else None
