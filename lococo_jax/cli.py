@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -50,26 +49,17 @@ def load_model(spec: str, dtype=jnp.float32) -> tuple[LlamaConfig, dict[str, Any
 
 def compression_from_args(args: argparse.Namespace, cfg: LlamaConfig, params: dict) -> tuple:
     """-> (CompressionConfig, params with the policy's subtree)."""
-    kw = dict(policy=args.policy, cache_size=args.cache_size, chunk_size=args.chunk_size)
-    if args.policy != "lococo":
-        return CompressionConfig(**kw), params
-    path = args.compressors or compressors.default_compressors(args.cache_size, args.chunk_size)
-    if path is not None and str(path) != "none":
-        sub, ccfg, _ = compressors.load_compressors(path, cfg)
-        if (ccfg.cache_size, ccfg.chunk_size) != (args.cache_size, args.chunk_size):
-            raise ValueError(
-                f"{path} was trained for cache_size={ccfg.cache_size}, chunk_size="
-                f"{ccfg.chunk_size}; --cache-size/--chunk-size say {args.cache_size}/"
-                f"{args.chunk_size}"
-            )
-        return ccfg, dict(params, lococo=sub)
-    print(
-        f"note: no trained compressors for M={args.cache_size} B={args.chunk_size}; "
-        "using randomly initialised ones (pass --compressors PATH)",
-        file=sys.stderr,
+    ccfg = CompressionConfig(
+        policy=args.policy, cache_size=args.cache_size, chunk_size=args.chunk_size
     )
-    ccfg = CompressionConfig(**kw)
-    return ccfg, dict(params, lococo=policies.init_params(jax.random.PRNGKey(0), cfg, ccfg))
+    params, ccfg, trained = compressors.with_policy_params(params, cfg, ccfg, args.compressors)
+    if trained is False:
+        print(
+            f"note: no trained compressors for M={args.cache_size} B={args.chunk_size}; "
+            "using randomly initialised ones (pass --compressors PATH)",
+            file=sys.stderr,
+        )
+    return ccfg, params
 
 
 def _encode(tok, text: str) -> np.ndarray:

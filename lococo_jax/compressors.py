@@ -93,3 +93,31 @@ def default_compressors(cache_size: int, chunk_size: int = 128) -> Path | None:
     """The committed compressors for the embedded SmolLM2-135M at (M, B), if any."""
     p = ASSETS / f"smollm2-135m_M{cache_size}_B{chunk_size}.safetensors"
     return p if p.is_file() else None
+
+
+def with_policy_params(
+    params: dict[str, Any],
+    cfg: LlamaConfig,
+    ccfg: CompressionConfig,
+    path: str | Path | None = None,
+) -> tuple[dict[str, Any], CompressionConfig, bool | None]:
+    """Attach what the policy needs: for lococo, the compressors at ``path``, else the committed
+    ones for (M, B) if any, else a random init. -> (params, ccfg, trained: None if no params).
+
+    Trained compressors bring the CompressionConfig they were trained with; M and B must match.
+    """
+    if ccfg.policy != "lococo":
+        return params, ccfg, None
+    path = path or default_compressors(ccfg.cache_size, ccfg.chunk_size)
+    if path is None:
+        from lococo_jax import policies
+
+        sub = policies.init_params(jax.random.PRNGKey(0), cfg, ccfg)
+        return dict(params, lococo=sub), ccfg, False
+    sub, trained, _ = load_compressors(path, cfg)
+    if (trained.cache_size, trained.chunk_size) != (ccfg.cache_size, ccfg.chunk_size):
+        raise ValueError(
+            f"{path} was trained for cache_size={trained.cache_size}, chunk_size="
+            f"{trained.chunk_size}, not {ccfg.cache_size}/{ccfg.chunk_size}"
+        )
+    return dict(params, lococo=sub), trained, True

@@ -28,6 +28,25 @@ class PerplexityResult:
         return (self.n_tokens + 1) / max(self.seconds, 1e-9)
 
 
+def nll_per_token(
+    params: dict[str, Any],
+    tokens: np.ndarray,
+    cfg: LlamaConfig,
+    ccfg: CompressionConfig,
+    *,
+    segment_chunks: int = 8,
+    progress: bool = False,
+    desc: str = "reading",
+) -> np.ndarray:
+    """Read tokens [L] once, front to back; -> NLL [L - 1] of each next token (nats)."""
+    tokens = np.asarray(tokens).reshape(1, -1)
+    with tqdm(total=tokens.size, desc=desc, unit="tok", disable=not progress) as bar:
+        res = longctx.run_long(
+            params, tokens, cfg, ccfg, output="nll", segment_chunks=segment_chunks, progress=bar
+        )
+    return res.out[0, :-1]
+
+
 def perplexity(
     params: dict[str, Any],
     tokens: np.ndarray,
@@ -38,15 +57,12 @@ def perplexity(
     progress: bool = False,
     desc: str = "perplexity",
 ) -> PerplexityResult:
-    """Read tokens [L] (or [b, L]) once, front to back, and score every next token."""
-    tokens = np.atleast_2d(np.asarray(tokens))
+    """Perplexity of tokens [L] read through the cache."""
     t0 = time.perf_counter()
-    with tqdm(total=tokens.size, desc=desc, unit="tok", disable=not progress) as bar:
-        res = longctx.run_long(
-            params, tokens, cfg, ccfg, output="nll", segment_chunks=segment_chunks, progress=bar
-        )
-    n = tokens.shape[0] * (tokens.shape[1] - 1)
-    return PerplexityResult(n, float(res.out.sum() / max(n, 1)), time.perf_counter() - t0)
+    nll = nll_per_token(
+        params, tokens, cfg, ccfg, segment_chunks=segment_chunks, progress=progress, desc=desc
+    )
+    return PerplexityResult(len(nll), float(nll.mean()), time.perf_counter() - t0)
 
 
 FILLER = (
