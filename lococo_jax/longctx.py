@@ -21,7 +21,7 @@ import numpy as np
 from lococo_jax import llama, policies
 from lococo_jax.config import CompressionConfig, LlamaConfig
 from lococo_jax.kv_state import KVState, check_state, init_state
-from lococo_jax.policies.base import Entries, Slots, gather, take
+from lococo_jax.policies.base import Entries, Slots, take
 
 OUTPUTS = ("logits", "nll", "last")
 
@@ -98,16 +98,39 @@ def take_valid(valid: jax.Array, order: jax.Array) -> jax.Array:
     return jnp.take_along_axis(valid, order, axis=-1)
 
 
+def _append(ls: dict[str, jax.Array], g: StepInfo) -> Slots:
+    """The slots with the valid window entries written after the filled ones (rows that fit).
+
+    A scatter of the W window entries (O(W) work) instead of compacting all M + W entries, so
+    the uncompressed path (the full policy, the first chunks) costs no more than attention."""
+    M, W = ls["k"].shape[2], ls["win_k"].shape[2]
+    w = jnp.arange(W, dtype=jnp.int32)
+    dest = jnp.where(w[None] < g.win_valid[:, None], g.filled[:, None] + w[None], M)  # M: drop
+    win_pos = (g.seen - g.win_valid)[:, None] + w[None]
+    win_pos = jnp.broadcast_to(win_pos[:, None], ls["win_score"].shape[:2] + (W,))
+    score = ls["score"] + ls["win_score"][:, :, :M]
+
+    def put(slots, new, idx):  # one row: slots [kv, M, ...], new [kv, W, ...], idx [W]
+        return slots.at[:, idx].set(new, mode="drop")
+
+    put = jax.vmap(put)
+    return Slots(
+        k=put(ls["k"], ls["win_k"], dest),
+        v=put(ls["v"], ls["win_v"], dest),
+        pos=put(ls["pos"], win_pos, dest),
+        score=put(score, ls["win_score"][:, :, M:], dest),
+    )
+
+
 def _compress(cfg: LlamaConfig, ccfg: CompressionConfig, cp: Any, ls, g: StepInfo) -> Slots:
     """The next M slots: the valid entries while they fit, else the policy's choice (per row)."""
-    e = _entries(cfg, ls, g)
-    M = ccfg.cache_size
-    b, kv = e.valid.shape[:2]
-    fill = gather(e, jnp.broadcast_to(jnp.arange(M, dtype=jnp.int32), (b, kv, M)))
+    fill = _append(ls, g)
     if ccfg.policy == "full":
         return fill
+    e = _entries(cfg, ls, g)
     out = policies.get(ccfg.policy)(ccfg, cp, e)
-    fits = e.n_valid <= M
+    b = e.n_valid.shape[0]
+    fits = e.n_valid <= ccfg.cache_size
 
     def pick(f, o):
         return jnp.where(fits.reshape((b,) + (1,) * (f.ndim - 1)), f, o)
