@@ -1,0 +1,233 @@
+"""Training text from tensorflow-datasets, tokenised, packed into fixed-length samples.
+
+Sources (DataConfig.source):
+  "tfds":  a named TFDS text dataset ("pg19", "c4/en", ...) already prepared in array_record
+           format under data_dir (a TPU VM), read with tfds.data_source (no TensorFlow needed).
+  "local": local .txt files / directories, built once into a TFDS dataset (LocalText, a
+           GeneratorBasedBuilder with file_format="array_record") under data_dir, then read the
+           same way. The installed tfds builds array_record datasets without TensorFlow.
+Documents are tokenised with any object with ``encode(text) -> list[int]``, joined into one
+stream (separated by eos when given) and cut into samples of sample_len + 1 tokens (the extra
+token is the last target; consecutive samples overlap by that one token). Each epoch visits
+the samples in a numpy permutation seeded by (seed, epoch); the position {"epoch", "index"}
+(plain ints, saved in checkpoints) resumes the exact order.
+Limitation: the packed stream lives in host memory (int32); for pg19-size corpora set
+max_documents or pre-shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+SOURCES = ("local", "tfds")
+
+
+class DataError(ValueError):
+    """A dataset is missing or unusable; the message names it and the data_dir."""
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids (vocab 256): needs no download; for tiny models and tests."""
+
+    vocab_size = 256
+    eos_token_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = "local"
+    files: tuple[str, ...] = ()  # local: .txt files or directories of them
+    tfds_name: str = "pg19"
+    data_dir: str = "~/tensorflow_datasets"
+    split: str = "train"
+    text_key: str = "text"
+    max_documents: int | None = None
+    shuffle: bool = True
+
+    def __post_init__(self):
+        from lococo_jax.config import ConfigError
+
+        if self.source not in SOURCES:
+            raise ConfigError(f"config field 'data_source': {self.source!r} not in {SOURCES}")
+        if self.source == "local" and not self.files:
+            raise ConfigError("config field 'data_files': empty; 'local' data needs .txt files")
+
+
+def _txt_files(paths: Sequence[str]) -> list[Path]:
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(p.rglob("*.txt"))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise DataError(f"data file or directory not found: {p}")
+    if not out:
+        raise DataError(f"no .txt files in {list(paths)}")
+    return out
+
+
+def _local_builder_cls():
+    import tensorflow_datasets as tfds
+
+    class LocalText(tfds.core.GeneratorBasedBuilder):
+        """Local .txt files as a one-split TFDS text dataset (one example per file)."""
+
+        VERSION = tfds.core.Version("1.0.0")
+        # No downloads, so no checksums file: finding one needs importlib_resources for a
+        # builder defined inside a package (not installed here).
+        url_infos = None
+
+        def __init__(self, *, files: Sequence[Path] = (), **kwargs: Any):
+            self._files = list(files)
+            super().__init__(**kwargs)
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict(
+                    {"text": tfds.features.Text(), "name": tfds.features.Text()}
+                ),
+            )
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, f in enumerate(self._files):
+                yield i, {"text": f.read_text(encoding="utf-8"), "name": f.name}
+
+    return LocalText
+
+
+_BUILDER = None
+
+
+def build_local(files: Sequence[str], data_dir: str) -> Any:
+    """Build (once; reused when the files are unchanged) and return the TFDS data source of
+    local text files. The dataset lives in data_dir/local_<hash of names and contents>."""
+    global _BUILDER
+    paths = _txt_files(files)
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    root = Path(os.path.expanduser(data_dir)) / f"local_{h.hexdigest()[:16]}"
+    if _BUILDER is None:  # defining the class registers it with tfds; do it once
+        _BUILDER = _local_builder_cls()
+    builder = _BUILDER(files=paths, data_dir=str(root), file_format="array_record")
+    builder.download_and_prepare()
+    return builder.as_data_source(split="train")
+
+
+def open_tfds(name: str, data_dir: str, split: str) -> Any:
+    """A prepared named TFDS dataset (array_record) as a random-access data source."""
+    import tensorflow_datasets as tfds
+
+    data_dir = os.path.expanduser(data_dir)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise DataError(f"TFDS dataset {name!r} is unknown to tfds ({e})") from None
+    if not builder.is_prepared():
+        raise DataError(
+            f"TFDS dataset {name!r} is not prepared in data_dir {data_dir!r}; prepare it with "
+            f"`tfds build {name} --data_dir {data_dir} --file_format array_record` first"
+        )
+    try:
+        return tfds.data_source(name, data_dir=data_dir, split=split)
+    except (NotImplementedError, ValueError) as e:
+        raise DataError(
+            f"TFDS dataset {name!r} in {data_dir!r} cannot be read without TensorFlow: it must "
+            f"be prepared with file_format=array_record ({e})"
+        ) from None
+
+
+def load_documents(dcfg: DataConfig) -> list[str]:
+    src = (
+        build_local(dcfg.files, dcfg.data_dir)
+        if dcfg.source == "local"
+        else open_tfds(dcfg.tfds_name, dcfg.data_dir, dcfg.split)
+    )
+    n = len(src) if dcfg.max_documents is None else min(len(src), dcfg.max_documents)
+    docs = []
+    for i in range(n):
+        text = src[i][dcfg.text_key if dcfg.source == "tfds" else "text"]
+        docs.append(text.decode("utf-8") if isinstance(text, bytes) else str(text))
+    return docs
+
+
+def pack(docs: Sequence[str], tokenizer: Tokenizer, sample_len: int, eos_id: int | None = None):
+    """Tokens [num_samples, sample_len + 1] int32: consecutive windows of one token stream
+    (sample i = stream[i * sample_len : (i + 1) * sample_len + 1]); the tail is dropped."""
+    ids: list[int] = []
+    for d in docs:
+        ids += tokenizer.encode(d)
+        if eos_id is not None:
+            ids.append(eos_id)
+    stream = np.asarray(ids, np.int32)
+    n = (len(stream) - 1) // sample_len
+    if n < 1:
+        raise DataError(
+            f"the data has {len(stream)} tokens, fewer than one sample of {sample_len + 1}"
+        )
+    idx = np.arange(n)[:, None] * sample_len + np.arange(sample_len + 1)[None, :]
+    return stream[idx]
+
+
+class Loader:
+    """Batches [batch, sample_len + 1] of packed samples in a seeded per-epoch order.
+
+    ``position`` ({"epoch": int, "index": int}, the next batch) is JSON-able and restores the
+    exact stream with ``set_position``."""
+
+    def __init__(self, samples: np.ndarray, batch_size: int, seed: int, shuffle: bool = True):
+        if len(samples) < batch_size:
+            raise DataError(
+                f"only {len(samples)} samples of {samples.shape[1]} tokens, fewer than "
+                f"batch_size {batch_size}; add data or shrink batch_size / clean_period"
+            )
+        self.samples, self.batch_size, self.seed, self.shuffle = samples, batch_size, seed, shuffle
+        self.batches_per_epoch = len(samples) // batch_size
+        self.epoch, self.index = 0, 0
+
+    @property
+    def position(self) -> dict[str, int]:
+        return {"epoch": int(self.epoch), "index": int(self.index)}
+
+    def set_position(self, pos: dict[str, int]) -> None:
+        self.epoch, self.index = int(pos["epoch"]), int(pos["index"])
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.samples))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.samples))
+
+    def next(self) -> np.ndarray:
+        if self.index >= self.batches_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        order = self._order(self.epoch)
+        rows = order[self.index * self.batch_size : (self.index + 1) * self.batch_size]
+        self.index += 1
+        return self.samples[rows]
+
+
+def make_loader(
+    dcfg: DataConfig, tokenizer: Tokenizer, sample_len: int, batch_size: int, seed: int
+) -> Loader:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    samples = pack(load_documents(dcfg), tokenizer, sample_len, eos)
+    return Loader(samples, batch_size, seed, dcfg.shuffle)

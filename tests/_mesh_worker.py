@@ -1,0 +1,80 @@
+"""Subprocess helper: the sharded train step vs the single-device step on 8 fake CPU devices.
+
+Run as ``python tests/_mesh_worker.py DATA_FILE WORK_DIR``; prints one JSON line with, per mesh,
+the max relative difference of the loss and of the params after two steps.
+"""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"  # before jax is imported
+
+import json  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from lococo_jax import data, train  # noqa: E402
+
+MESHES = [(8, 1, 1), (2, 2, 2), (1, 4, 2)]
+
+
+def run(tcfg: train.TrainConfig, devices, batches):
+    r = train.build(tcfg, devices, with_checkpointer=False)
+    ts, step = r.init_ts(), train.make_train_step(r)
+    losses = []
+    for b in batches:
+        ts, m = step(ts, jax.device_put(b, r.batch_sharding))
+        losses.append(float(m["loss"]))
+    return losses, jax.tree.map(np.asarray, ts["params"]), r
+
+
+def main() -> None:
+    data_file, work = sys.argv[1], sys.argv[2]
+    assert jax.device_count() == 8, jax.devices()
+    base = train.TrainConfig(
+        mode="post_training",
+        data_files=(data_file,),
+        data_dir=work,
+        batch_size=8,
+        clean_period=4,
+        steps=4,
+        lr=1e-3,
+        memory_lr_scale=10.0,
+        progress=False,
+    )
+    loader = data.make_loader(base.data(), data.ByteTokenizer(), base.sample_len, 8, 0)
+    batches = [loader.next(), loader.next()]
+    devs = jax.devices()
+    ref_losses, ref_params, _ = run(
+        base.__class__(**{**base.__dict__, "mesh_data": 1}), devs[:1], batches
+    )
+    out = {}
+    for d, f, t in MESHES:
+        tcfg = base.__class__(**{**base.__dict__, "mesh_data": d, "mesh_fsdp": f, "mesh_tensor": t})
+        losses, params, r = run(tcfg, devs, batches)
+        wq = r.ts_shardings["params"]["layers"]["wq"].spec
+        loss_rel = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True))
+        p_rel = max(
+            float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
+            for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params), strict=True)
+        )
+        changed = max(
+            float(np.max(np.abs(a - b)))
+            for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params), strict=True)
+        )
+        out[f"{d}x{f}x{t}"] = {
+            "loss_rel": loss_rel,
+            "param_rel": p_rel,
+            "max_abs": changed,
+            "wq_spec": str(wq),
+            "losses": losses,
+        }
+    out["ref_losses"] = ref_losses
+    print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
