@@ -303,6 +303,11 @@ class CompressionConfig:
                 f"must be in [0, 1], got {self.normalizer_init}",
             )
         _check(self.fusion_impl in FUSION_IMPLS, "fusion_impl", f"not in {FUSION_IMPLS}")
+        _check(
+            not (self.fusion_impl == "pallas" and self.n_convlayer > 1),
+            "fusion_impl",
+            "the Pallas kernel fuses one conv layer; n_convlayer > 1 needs 'reference' or 'auto'",
+        )
 
     @property
     def recent(self) -> int:

@@ -163,3 +163,22 @@ def test_gradients_reach_compressors_through_compressing_chunks(tiny_cfg, tiny_p
     for li in range(tiny_cfg.num_hidden_layers):
         assert np.abs(np.asarray(grads["convs"][0]["w"][li])).max() > 0
         assert np.abs(np.asarray(grads["normalizer"][li])) > 0
+
+
+def test_model_with_pallas_fusion_equals_reference(tiny_cfg, tiny_params):
+    """The whole model on a compressing input: Pallas kernel (interpret mode on CPU) vs jnp."""
+    toks = np.random.RandomState(9).randint(0, tiny_cfg.vocab_size, (2, 56))
+    out = {}
+    for impl in ("pallas", "reference"):
+        ccfg = CompressionConfig(
+            policy="lococo", cache_size=16, chunk_size=8, kernel_size=5, fusion_impl=impl
+        )
+        params = dict(
+            tiny_params, lococo=policies.init_params(jax.random.PRNGKey(3), tiny_cfg, ccfg)
+        )
+        res = longctx.run_long(
+            params, toks, tiny_cfg, ccfg, lengths=np.array([56, 41]), output="logits"
+        )
+        out[impl] = (res.out, np.asarray(res.state.k))
+    np.testing.assert_allclose(out["pallas"][0], out["reference"][0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out["pallas"][1], out["reference"][1], atol=1e-5, rtol=0)

@@ -59,13 +59,6 @@ def init_params(key: jax.Array, cfg: LlamaConfig, ccfg: CompressionConfig) -> di
     return {"convs": convs, "normalizer": jnp.full((L,), ccfg.normalizer_init, jnp.float32)}
 
 
-def resolve_impl(ccfg: CompressionConfig) -> str:
-    """fusion_impl 'auto': the Pallas kernel on GPU/TPU, the jnp reference on CPU."""
-    if ccfg.fusion_impl != "auto":
-        return ccfg.fusion_impl
-    return "reference" if jax.default_backend() == "cpu" else "pallas"
-
-
 def compress(ccfg: CompressionConfig, params: dict[str, Any], e: Entries) -> Slots:
     """params: this layer's compressor (convs[i].w [k, in, out], .b [out]; normalizer [])."""
     C, keep, local = ccfg.num_fused, ccfg.num_heavy, ccfg.local_len
@@ -92,7 +85,7 @@ def compress(ccfg: CompressionConfig, params: dict[str, Any], e: Entries) -> Slo
         layers,
         jnp.repeat(jnp.maximum(n_rest, 1), h),
         activation=ccfg.activation,
-        impl=resolve_impl(ccfg),
+        impl=ccfg.fusion_impl,  # 'auto': Pallas on GPU/TPU for one conv layer
     )
     a = params["normalizer"]
     fused_k = a * ak.reshape(b, h, C, d).astype(jnp.float32) + (1 - a) * take(k_rest, anchor)
