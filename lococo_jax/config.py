@@ -128,7 +128,17 @@ class LlamaConfig:
 
     @classmethod
     def from_hf_config(cls, d: dict[str, Any], source: str | None = None) -> LlamaConfig:
-        """Build from a Hugging Face ``config.json`` dict; ``source`` names the file in errors."""
+        """Build from a Hugging Face ``config.json`` dict; ``source`` names the file in errors.
+
+        transformers 5 writes ``rope_parameters`` ({"rope_theta", "rope_type", "factor", ...})
+        instead of top-level ``rope_theta`` / ``rope_scaling``; both formats are read."""
+        rp = d.get("rope_parameters")
+        if isinstance(rp, dict):
+            d, rp = dict(d), dict(rp)
+            if "rope_theta" in rp:
+                d.setdefault("rope_theta", rp.pop("rope_theta"))
+            if rp.get("rope_type", rp.get("type", "default")) != "default":
+                d.setdefault("rope_scaling", rp)
         model_type = d.get("model_type")
         _check(
             model_type in SUPPORTED_MODEL_TYPES,
