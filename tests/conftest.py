@@ -42,3 +42,14 @@ def tiny_params(tiny_cfg):
 def peaky_params(tiny_cfg):
     # Peaked attention, so policy choices are decided by clear score gaps, not float noise.
     return llama.init_params(tiny_cfg, jax.random.PRNGKey(0), jnp.float32, std=0.3)
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """The embedded SmolLM2-135M-Instruct: (cfg, params, tokenizer, cache dir), converted from
+    its GGUF once per session into a temporary cache (never the user's)."""
+    from lococo_jax import models
+
+    cache = tmp_path_factory.mktemp("lococo_cache") / "smollm2"
+    cfg, params, tok = models.load_default_model(cache_dir=cache)
+    return cfg, params, tok, cache

@@ -34,11 +34,9 @@ def text() -> str:
 
 
 @pytest.fixture(scope="module")
-def ours(tmp_path_factory):
+def ours(smollm2):
     """(cfg, params, tokenizer, cache dir) via the default-model path, converted once."""
-    cache = tmp_path_factory.mktemp("lococo_cache") / "smollm2"
-    cfg, params, tok = models.load_default_model(cache_dir=cache)
-    return cfg, params, tok, cache
+    return smollm2
 
 
 @pytest.fixture(scope="module")
