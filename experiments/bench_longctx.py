@@ -131,9 +131,13 @@ def main() -> None:
     device = jax.devices()[0]
     out = Path(args.out or RESULTS / f"bench_longctx_{device.platform}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows = []
+    # Rows already measured (same device) are kept, so the grid can be filled in over runs.
+    rows = json.loads(out.read_text())["rows"] if out.exists() else []
+    have = {(r["policy"], r["length"]) for r in rows}
     for pol in args.policies:
         for L in args.lengths:
+            if (pol, L) in have:
+                continue
             cmd = [
                 sys.executable,
                 __file__,
@@ -173,7 +177,7 @@ def main() -> None:
             f"{r['compiled_temp_mb']:.1f} |"
         )
     summary = {}
-    for pol in args.policies:
+    for pol in sorted({r["policy"] for r in rows}):
         rs = sorted((r for r in rows if r["policy"] == pol), key=lambda r: r["length"])
         if len(rs) >= 2:
             summary[pol] = {

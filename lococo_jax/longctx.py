@@ -65,7 +65,7 @@ def _step_info(state: KVState, n_new: jax.Array, T: int) -> StepInfo:
     )
 
 
-def _entries(cfg: LlamaConfig, ls: dict[str, jax.Array], g: StepInfo) -> Entries:
+def _entries(ls: dict[str, jax.Array], g: StepInfo) -> Entries:
     """Slots + window of one layer, compacted so the valid entries come first (in order)."""
     M, W = ls["k"].shape[2], ls["win_k"].shape[2]
     b, kv = ls["k"].shape[:2]
@@ -78,7 +78,9 @@ def _entries(cfg: LlamaConfig, ls: dict[str, jax.Array], g: StepInfo) -> Entries
     acc = jnp.concatenate([ls["score"], jnp.zeros((b, kv, W), jnp.float32)], axis=2)
     order = jnp.argsort(~valid, axis=-1, stable=True).astype(jnp.int32)  # [b, S]
     horder = jnp.broadcast_to(order[:, None], (b, kv, M + W))
-    hvalid = jnp.broadcast_to(take_valid(valid, order)[:, None], (b, kv, M + W))
+    n_valid = g.filled + g.win_valid
+    compacted_valid = jnp.arange(M + W)[None] < n_valid[:, None]
+    hvalid = jnp.broadcast_to(compacted_valid[:, None], (b, kv, M + W))
     k = jnp.concatenate([ls["k"], ls["win_k"]], axis=2)
     v = jnp.concatenate([ls["v"], ls["win_v"]], axis=2)
     zero = jnp.zeros((), k.dtype)
@@ -90,12 +92,8 @@ def _entries(cfg: LlamaConfig, ls: dict[str, jax.Array], g: StepInfo) -> Entries
         acc=take(acc + ls["win_score"], horder),
         chunk=take(ls["win_score"], horder),
         last=jnp.take_along_axis(ls["last_score"], order, axis=-1),
-        n_valid=g.filled + g.win_valid,
+        n_valid=n_valid,
     )
-
-
-def take_valid(valid: jax.Array, order: jax.Array) -> jax.Array:
-    return jnp.take_along_axis(valid, order, axis=-1)
 
 
 def _append(ls: dict[str, jax.Array], g: StepInfo) -> Slots:
@@ -122,12 +120,12 @@ def _append(ls: dict[str, jax.Array], g: StepInfo) -> Slots:
     )
 
 
-def _compress(cfg: LlamaConfig, ccfg: CompressionConfig, cp: Any, ls, g: StepInfo) -> Slots:
+def _compress(ccfg: CompressionConfig, cp: Any, ls, g: StepInfo) -> Slots:
     """The next M slots: the valid entries while they fit, else the policy's choice (per row)."""
     fill = _append(ls, g)
     if ccfg.policy == "full":
         return fill
-    e = _entries(cfg, ls, g)
+    e = _entries(ls, g)
     out = policies.get(ccfg.policy)(ccfg, cp, e)
     b = e.n_valid.shape[0]
     fits = e.n_valid <= ccfg.cache_size
@@ -172,7 +170,7 @@ def _layer(
 
     new = dict(ls, win_k=win_k, win_v=win_v, win_score=win_score, last_score=last_score)
     if compress:
-        slots = _compress(cfg, ccfg, cp, new, g)
+        slots = _compress(ccfg, cp, new, g)
         new.update(
             k=slots.k,
             v=slots.v,
