@@ -131,6 +131,13 @@ def main() -> None:
     device = jax.devices()[0]
     out = Path(args.out or RESULTS / f"bench_longctx_{device.platform}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "device": device.device_kind,
+        "platform": device.platform,
+        "host": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "command": " ".join(sys.argv),
+    }
     # Rows already measured (same device) are kept, so the grid can be filled in over runs.
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
     have = {(r["policy"], r["length"]) for r in rows}
@@ -162,6 +169,7 @@ def main() -> None:
                 raise SystemExit(f"worker failed for policy={pol} length={L}")
             row = json.loads(lines[-1][7:])
             rows.append(row)
+            out.write_text(json.dumps(dict(meta, rows=rows), indent=1))  # partial, resumable
             print(
                 f"{pol:>8} L={L:>6}: {row['tokens_per_s']:8.1f} tok/s  "
                 f"rss {row['peak_rss_mb']:8.1f} MB  kv {row['kv_state_mb']:7.1f} MB",
@@ -186,16 +194,7 @@ def main() -> None:
                 / rs[0]["ms_per_token"],
             }
     print("\nsummary:", json.dumps(summary, indent=1))
-    result = {
-        "device": device.device_kind,
-        "platform": device.platform,
-        "host": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "command": " ".join(sys.argv),
-        "rows": rows,
-        "summary": summary,
-    }
-    out.write_text(json.dumps(result, indent=1))
+    out.write_text(json.dumps(dict(meta, rows=rows, summary=summary), indent=1))
     plot(rows, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
