@@ -6,19 +6,11 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lococo_jax import kv_state, llama, lora, policies, sharding
+from lococo_jax import kv_state, llama, lora, policies, sharding, train
 from lococo_jax.config import CompressionConfig, ConfigError, LlamaConfig
 
 MESH = {"data": 2, "fsdp": 2, "tensor": 2}
-CFG = LlamaConfig(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-)
+CFG = train.TINY
 CCFG = CompressionConfig(cache_size=16, chunk_size=8, kernel_size=3)
 
 
