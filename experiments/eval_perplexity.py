@@ -114,7 +114,12 @@ def main() -> None:
                 key = cell_key(policy, M, rope)
                 if key in have:
                     continue
-                ccfg = CompressionConfig(policy=policy, cache_size=M, chunk_size=args.chunk_size)
+                # Untrained lococo (no committed weights for this M) keeps a recent window of
+                # M/4 like the calibrated ones; trained weights bring their own config.
+                local = M // 4 if policy == "lococo" else 0
+                ccfg = CompressionConfig(
+                    policy=policy, cache_size=M, chunk_size=args.chunk_size, local_len=local
+                )
                 p, ccfg, trained = compressors.with_policy_params(params, cfg, ccfg)
                 t0 = time.perf_counter()
                 res = evaluate.nll_per_token(p, ids, cfg, ccfg, progress=True, desc=key)
