@@ -80,7 +80,8 @@ def main() -> int:
     print(f"{'case':22} {'tokens/step':>11} {'step s':>8} {'tokens/s':>10}")
     for r in rows:
         print(
-            f"{r['case']:22} {r['tokens_per_step']:11d} {r['step_s']:8.3f} {r['tokens_per_s']:10.0f}"
+            f"{r['case']:22} {r['tokens_per_step']:11d} {r['step_s']:8.3f} "
+            f"{r['tokens_per_s']:10.0f}"
         )
     out = ROOT / "experiments" / "results" / f"bench_train_{jax.default_backend()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
