@@ -141,6 +141,7 @@ def _layer(
     ccfg: CompressionConfig,
     compress: bool,
     lora_scale: float,
+    truncate: bool,
     g: StepInfo,
     x: jax.Array,
     lp: Any,
@@ -148,7 +149,10 @@ def _layer(
     cp: Any,
     ls: dict[str, jax.Array],
 ):
-    """One decoder layer over T new tokens. x [b, T, hidden] -> (x, this layer's new state)."""
+    """One decoder layer over T new tokens. x [b, T, hidden] -> (x, this layer's new state).
+
+    truncate: the entries going into compression carry no gradient, so later chunks train the
+    compressor (cp) but send nothing back into this or earlier chunks' activations."""
     q, k, v = llama.qkv(cfg, lp, x, g.positions, ll, lora_scale)
     dtype = ls["win_k"].dtype
     win_k = jax.lax.dynamic_update_slice_in_dim(
@@ -170,7 +174,7 @@ def _layer(
 
     new = dict(ls, win_k=win_k, win_v=win_v, win_score=win_score, last_score=last_score)
     if compress:
-        slots = _compress(ccfg, cp, new, g)
+        slots = _compress(ccfg, cp, jax.lax.stop_gradient(new) if truncate else new, g)
         new.update(
             k=slots.k,
             v=slots.v,
@@ -182,10 +186,12 @@ def _layer(
     return x, new
 
 
-def _run_layers(params, tokens, state, g, cfg, ccfg, compress: bool, lora_scale: float):
+def _run_layers(
+    params, tokens, state, g, cfg, ccfg, compress: bool, lora_scale: float, truncate: bool = False
+):
     def body(x, xs):
         lp, ll, cp, ls = xs
-        return _layer(cfg, ccfg, compress, lora_scale, g, x, lp, ll, cp, ls)
+        return _layer(cfg, ccfg, compress, lora_scale, truncate, g, x, lp, ll, cp, ls)
 
     xs = (params["layers"], params.get("lora"), params.get("lococo"), state.layer_fields())
     x, new_layers = jax.lax.scan(body, llama.embed(params, tokens), xs)
@@ -210,13 +216,15 @@ def apply(
     *,
     n_new: jax.Array | None = None,
     lora_scale: float = 1.0,
+    truncate: bool = False,
 ) -> tuple[jax.Array, KVState]:
     """Run T new tokens through the model with the compressed cache.
 
     tokens [b, T] with T <= chunk_size; n_new [b] int32: how many of each row's T tokens are
     real (the rest is padding; default all). A full chunk (T == chunk_size) needs an empty raw
     window (true after every chunk and every compression) and always ends compressed; shorter
-    calls (decoding) append to the window and compress when it becomes full.
+    calls (decoding) append to the window and compress when it becomes full. truncate: the
+    compression's inputs carry no gradient (see scan_chunks).
     Returns logits [b, T, vocab] fp32 and the new state.
     """
     b, T = tokens.shape
@@ -231,9 +239,11 @@ def apply(
     g = _step_info(state, n_new.astype(jnp.int32), T)
     run = functools.partial(_run_layers, params, tokens, state, g, cfg, ccfg)
     if T == W:
-        return run(True, lora_scale)
+        return run(True, lora_scale, truncate)
     return jax.lax.cond(
-        state.win_len + T >= W, lambda: run(True, lora_scale), lambda: run(False, lora_scale)
+        state.win_len + T >= W,
+        lambda: run(True, lora_scale, truncate),
+        lambda: run(False, lora_scale, truncate),
     )
 
 
@@ -270,8 +280,10 @@ def scan_chunks(
     token ids, -1 = no target) for output="nll". Returns (state, last_logits [b, vocab], ys)
     with ys = logits [n, b, B, vocab] ("logits"), per-token NLL [n, b, B] fp32, 0 where there
     is no target ("nll"), or None ("last"). last_logits: each row's logits at its last valid
-    token. remat recomputes each chunk in the backward pass; truncate stops gradients between
-    chunks (the official code's per-chunk truncation); skip_empty skips all-padding chunks.
+    token. remat recomputes each chunk in the backward pass; truncate cuts the gradient at
+    each compression's inputs (per-chunk truncation): a chunk's loss still trains the
+    compressors that built its cache, but reaches no earlier chunk's activations; skip_empty
+    skips all-padding chunks.
     """
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
@@ -288,9 +300,9 @@ def scan_chunks(
     def chunk(carry, xs):
         st, last = carry
         tok, nn, tgt = xs
-        if truncate:
-            st = jax.lax.stop_gradient(st)
-        logits, st = apply(params, tok, st, cfg, ccfg, n_new=nn, lora_scale=lora_scale)
+        logits, st = apply(
+            params, tok, st, cfg, ccfg, n_new=nn, lora_scale=lora_scale, truncate=truncate
+        )
         at_last = jnp.take_along_axis(logits, jnp.maximum(nn - 1, 0)[:, None, None], axis=1)
         last = jnp.where(nn[:, None] > 0, at_last[:, 0], last)
         if output == "logits":

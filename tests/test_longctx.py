@@ -38,7 +38,7 @@ def test_equals_full_attention_while_input_fits(tiny_cfg, tiny_params, policy, c
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("policy", ["lococo", "h2o"])
+@pytest.mark.parametrize("policy", POLICIES)
 def test_ragged_batch_rows_equal_their_own_full_attention(tiny_cfg, tiny_params, policy):
     rng = np.random.RandomState(1)
     toks = rng.randint(0, tiny_cfg.vocab_size, (3, 40))
