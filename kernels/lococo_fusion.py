@@ -194,6 +194,7 @@ class _Static:
     window: bool
     interpret: Any
     backward: str
+    platform: str  # "cpu" | "gpu" | "tpu": which compiler params the kernel is lowered with
 
 
 def _dot(a: jax.Array, b: jax.Array, dims: Any) -> jax.Array:
@@ -372,15 +373,15 @@ def _tile(block: int, n: int, minimum: int) -> int:
     return max(minimum, min(block, pl.next_power_of_2(max(n, 1))))
 
 
-def _compiler_params(interpret: Any, d: int) -> Any:
+def _compiler_params(interpret: Any, d: int, platform: str) -> Any:
     if interpret is not False:
         return None
-    backend = jax.default_backend()
-    if backend == "tpu":
+    if platform == "tpu":
         from jax.experimental.pallas import tpu as pltpu
 
         return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
-    if backend in ("gpu", "cuda", "rocm"):
+    if platform == "gpu":
+        # Triton, named explicitly: with no params, Pallas picks Mosaic GPU on this jax.
         from jax.experimental.pallas import triton as plgpu
 
         return plgpu.CompilerParams(num_warps=4 if d <= 64 else 8, num_stages=2)
@@ -447,7 +448,7 @@ def _forward(k, v, w, b, valid_len, st: _Static):
             jax.ShapeDtypeStruct((r, cp, 1), jnp.float32),
         ],
         interpret=st.interpret,
-        compiler_params=_compiler_params(st.interpret, d),
+        compiler_params=_compiler_params(st.interpret, d, st.platform),
         name="lococo_fusion_fwd",
     )(kp, vp, wk, wv, bp, mask)
     return ok[:, :c], ov[:, :c], lse
@@ -499,7 +500,7 @@ def _backward_pallas(st: _Static, k, v, w, b, valid_len, ok, ov, lse, dok, dov):
             jax.ShapeDtypeStruct((r, lm, d), f32),
         ],
         interpret=st.interpret,
-        compiler_params=_compiler_params(st.interpret, d),
+        compiler_params=_compiler_params(st.interpret, d, st.platform),
         name="lococo_fusion_bwd",
     )(kp, vp, wk, wv, bp, mask, dokp, dovp, lse, delta)
 
@@ -563,6 +564,7 @@ def conv_softmax_mix(
     block_sizes: BlockSizes | None = None,
     interpret: Any = None,
     backward: str = "pallas",
+    platform: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """A = softmax_N(act(conv(concat(k, v)))); returns (A k, A v). Differentiable in k, v, w, b.
 
@@ -583,6 +585,10 @@ def conv_softmax_mix(
         elsewhere; a pltpu.InterpretParams is passed through (strict TPU-semantics interpreter).
       backward: "pallas": Pallas kernel for dS and P^T dO, XLA for the conv's backward from dS
         (see _backward_pallas). "xla": jax.vjp of the reference (materialises A).
+      platform: "cpu" | "gpu" | "tpu" (also "cuda", "rocm"): the platform the kernel is built
+        for (tiles, Triton or Mosaic compiler params). None -> jax.default_backend(); another
+        value lowers for that platform from this host (jit(...).trace(...).lower(
+        lowering_platforms=...)), which is how the CPU tests check the GPU and TPU lowering.
 
     Returns:
       (out_k, out_v), each [R, C, d] in k's dtype; matmuls take k's dtype (w is cast to it) and
@@ -592,8 +598,12 @@ def conv_softmax_mix(
     if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
         raise TypeError(f"block_sizes must be a BlockSizes or None, got {type(block_sizes)}")
     layers = list(layers)
+    platform = platform or jax.default_backend()
+    platform = "gpu" if platform in ("cuda", "rocm") else platform
+    if platform not in ("cpu", "gpu", "tpu"):
+        raise ValueError(f"platform must be cpu, gpu or tpu (or cuda, rocm), got {platform!r}")
     if impl == "auto":
-        impl = "pallas" if len(layers) == 1 and jax.default_backend() != "cpu" else "reference"
+        impl = "pallas" if len(layers) == 1 and platform != "cpu" else "reference"
     if impl == "reference":
         return conv_softmax_mix_reference(k, v, layers, valid_len, activation=activation)
     if len(layers) != 1:
@@ -608,7 +618,7 @@ def conv_softmax_mix(
             f"layers[0] w kernel size {ksize} exceeds the Pallas kernel's limit "
             f"{MAX_PALLAS_KERNEL_SIZE} (taps are unrolled); use impl='reference'"
         )
-    bs = block_sizes or BlockSizes.for_backend()
+    bs = block_sizes or BlockSizes.for_backend(platform)
     for name in ("block_n", "block_c"):
         val = getattr(bs, name)
         if not isinstance(val, int) or val < 8 or val % 8:
@@ -616,16 +626,16 @@ def conv_softmax_mix(
     if bs.block_n_bwd is not None and (bs.block_n_bwd < 8 or bs.block_n_bwd % 8):
         raise ValueError(f"block_sizes.block_n_bwd must be a multiple of 8, got {bs.block_n_bwd}")
     if interpret is None:
-        interpret = jax.default_backend() == "cpu"
+        interpret = platform == "cpu"
     d = k.shape[-1]
-    if interpret is False and jax.default_backend() in ("gpu", "cuda", "rocm"):
+    if interpret is False and platform == "gpu":
         if d < 16 or d & (d - 1):
             raise ValueError(
                 f"k head_dim {d}: the GPU (Triton) kernel needs a power of two >= 16; "
                 "use impl='reference'"
             )
     n, c = k.shape[1], w.shape[2]
-    window = bs.window_loads if bs.window_loads is not None else jax.default_backend() == "tpu"
+    window = bs.window_loads if bs.window_loads is not None else platform == "tpu"
     st = _Static(
         activation=activation,
         ksize=ksize,
@@ -635,6 +645,7 @@ def conv_softmax_mix(
         window=bool(window),
         interpret=interpret,
         backward=backward,
+        platform=platform,
     )
     return _fused_jit(k, v, w, b, valid_len.astype(jnp.int32), st)
 

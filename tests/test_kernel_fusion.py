@@ -347,3 +347,36 @@ class TestStrictInterpreter:
         finally:
             pltpu.reset_tpu_interpret_mode_state()
             jax.clear_caches()  # drop the trace made with the broken layout
+
+
+# The compiled (non-interpret) kernel lowered for each accelerator from this host: Mosaic for
+# TPU, Triton for CUDA, forward and backward. This runs Pallas's real lowering to the kernel IR;
+# only the last step (Triton -> PTX, Mosaic -> TPU binary) needs the device.
+KERNEL_CALL = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("platform", sorted(KERNEL_CALL))
+def test_kernel_lowers_for_accelerators(platform, dtype):
+    import re
+
+    k, v, layers, vl = make_inputs(0, 3, 200, 64, 32, 21, dtype=dtype)
+
+    def fwd(k, v, w, b):
+        return conv_softmax_mix(k, v, [(w, b)], vl, interpret=False, platform=platform)
+
+    def grad(k, v, w, b):
+        loss = lambda *a: sum(o.astype(jnp.float32).sum() for o in fwd(*a))
+        return jax.grad(loss, argnums=(0, 1, 2, 3))(k, v, w, b)
+
+    for fn, n_kernels in ((fwd, 1), (grad, 2)):  # backward: the forward kernel + its own
+        args = (k, v, *layers[0])
+        hlo = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+        calls = re.findall(r"custom_call @([\w$.]+)", hlo)
+        assert calls.count(KERNEL_CALL[platform]) == n_kernels, calls
+
+
+def test_unknown_platform_is_named():
+    k, v, layers, vl = make_inputs(0, 2, 32, 16, 16, 3)
+    with pytest.raises(ValueError, match="platform must be cpu, gpu or tpu.*'metal'"):
+        conv_softmax_mix(k, v, layers, vl, platform="metal")
