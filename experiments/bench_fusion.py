@@ -138,7 +138,11 @@ def bench_size(name: str, size: Size, batch: int, args: argparse.Namespace) -> d
     R, N, d, C = batch * size.kv_heads, size.positions, size.head_dim, size.fused
     k, v, layers, vl = make_inputs(2, R, N, d, C, size.ksize, dtype, ragged=False)
     (w, b) = layers[0]
-    bs = None if args.block_n is None else BlockSizes(block_n=args.block_n, block_c=args.block_c)
+    bs = BlockSizes.for_backend()
+    if args.block_n is not None or args.block_c is not None:
+        bs = dataclasses.replace(
+            bs, block_n=args.block_n or bs.block_n, block_c=args.block_c or bs.block_c
+        )
     kern = jax.jit(lambda k, v, layers, vl: conv_softmax_mix(k, v, layers, vl, block_sizes=bs))
     ref = jax.jit(conv_softmax_mix_reference)
     err = max(
@@ -213,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--block-n", type=int, default=None, help="BlockSizes.block_n (default: per backend)"
     )
-    p.add_argument("--block-c", type=int, default=64)
+    p.add_argument(
+        "--block-c", type=int, default=None, help="BlockSizes.block_c (default: per backend)"
+    )
     p.add_argument("--check-only", action="store_true", help="correctness only, no timings")
     p.add_argument(
         "--out", type=Path, default=None, help="default results/bench_fusion_<platform>.json"

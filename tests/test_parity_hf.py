@@ -140,3 +140,25 @@ def test_bf16_weights_convert(tmp_path):
     ref = model.model.layers[1].self_attn.q_proj.weight.detach().float().numpy().T
     assert params["layers"]["wq"].dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(params["layers"]["wq"][1], np.float32), ref)
+
+
+def test_bf16_compute_is_as_close_to_fp32_as_transformers_bf16(tmp_path):
+    """bf16 weights and compute: our logits (one forward, and the chunked cache path) are no
+    farther from transformers' fp32 logits than transformers' own bf16 logits are (up to 1.5x:
+    op order differs, so rounding does too)."""
+    from lococo_jax import longctx
+    from lococo_jax.config import CompressionConfig
+
+    model = make_hf_model(**CASES["gqa_untied"])
+    model.save_pretrained(tmp_path)
+    tokens = np.random.default_rng(3).integers(0, BASE["vocab_size"], (2, 64), dtype=np.int32)
+    truth = hf_logits(model, tokens)
+    hf_err = np.abs(hf_logits(model.to(torch.bfloat16), tokens) - truth).max()
+    cfg, params = load_hf_checkpoint(tmp_path, dtype=jnp.bfloat16)
+    assert params["embed"].dtype == jnp.bfloat16
+    ours = jax.jit(llama.forward, static_argnums=2)(params, jnp.asarray(tokens), cfg)
+    ccfg = CompressionConfig(policy="full", cache_size=64, chunk_size=16)
+    chunked = longctx.run_long(params, tokens, cfg, ccfg, output="logits").out
+    assert 0 < hf_err < 0.05 * np.abs(truth).max()  # bf16 rounding shows, and is small
+    for got in (np.asarray(ours, np.float32), np.asarray(chunked, np.float32)):
+        assert np.abs(got - truth).max() <= 1.5 * hf_err
