@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     done = (tcfg.stop_after or tcfg.steps) == tcfg.steps
     if done and not args.no_export and tcfg.checkpoint_dir:
         params, run = out["state"]["params"], out["run"]
-        root = Path(tcfg.checkpoint_dir).expanduser()
+        root = checkpoint.normalize_path(tcfg.checkpoint_dir)  # keeps gs:// URLs
         if "lococo" in params:
             p = checkpoint.export_compressors(
                 root / "compressors.safetensors", params, run.ccfg, {"config": tcfg.to_dict()}

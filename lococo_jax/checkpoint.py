@@ -7,6 +7,8 @@ A checkpoint step directory holds three named items:
     config  the run's TrainConfig as a dict (JSON), compared with the current one before resume
 Orbax writes each step into a temporary directory and renames it once finalised, so the latest
 step the manager lists is always complete (a crash mid-save leaves no half checkpoint).
+Paths: local ones are expanded (~) and made absolute; URLs (gs://bucket/..., anything with
+"://") are kept as they are and handed to orbax as etils.epath.Path (gs:// needs gcsfs).
 Exports: ``export_compressors`` (params["lococo"] alone, safetensors via
 lococo_jax.compressors: small, committable) and ``save_pytree`` (e.g. LoRA-merged params, orbax).
 """
@@ -18,6 +20,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 ITEMS = ("state", "data", "config")
 
@@ -26,13 +29,29 @@ class CheckpointConfigError(ValueError):
     """The checkpoint directory was written by a run with a different config."""
 
 
-def config_diff(saved: dict[str, Any], current: dict[str, Any], ignore: set[str]) -> list[str]:
-    """Fields (other than ``ignore``) whose values differ, as 'field: saved -> current'."""
+def normalize_path(path: str | Path) -> epath.Path:
+    """A local path expanded (~) and resolved; a URL ("gs://bucket/x", anything with "://")
+    unchanged (pathlib would turn it into the local folder <cwd>/gs:/bucket/x)."""
+    s = str(path)
+    if "://" in s:
+        return epath.Path(s)
+    return epath.Path(Path(s).expanduser().resolve())
+
+
+def config_diff(
+    saved: dict[str, Any],
+    current: dict[str, Any],
+    ignore: set[str],
+    defaults: dict[str, Any] | None = None,
+) -> list[str]:
+    """Fields (other than ``ignore``) whose values differ, as 'field: saved -> current'. A field
+    absent from ``saved`` (added to the config since) counts as its value in ``defaults``."""
     keys = sorted((set(saved) | set(current)) - ignore)
     missing = object()
+    defaults = defaults or {}
     out = []
     for k in keys:
-        a, b = saved.get(k, missing), current.get(k, missing)
+        a, b = saved.get(k, defaults.get(k, missing)), current.get(k, missing)
         if a != b:
             fmt = lambda v: "<absent>" if v is missing else repr(v)  # noqa: E731
             out.append(f"{k}: {fmt(a)} -> {fmt(b)}")
@@ -43,7 +62,7 @@ class Checkpointer:
     """Wraps ocp.CheckpointManager for one run directory (keep the last ``keep`` steps)."""
 
     def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = False):
-        self.directory = Path(directory).expanduser().resolve()
+        self.directory = normalize_path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save
         )
@@ -59,12 +78,17 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         return dict(out["config"])
 
-    def check_config(self, current: dict[str, Any], ignore: set[str] = frozenset()) -> None:
+    def check_config(
+        self,
+        current: dict[str, Any],
+        ignore: set[str] = frozenset(),
+        defaults: dict[str, Any] | None = None,
+    ) -> None:
         """Raise CheckpointConfigError naming the differing fields (reads only the JSON)."""
         saved = self.saved_config()
         if saved is None:
             return
-        diff = config_diff(saved, current, set(ignore))
+        diff = config_diff(saved, current, set(ignore), defaults)
         if diff:
             raise CheckpointConfigError(
                 f"checkpoint dir {self.directory} (step {self.latest_step()}) was written by a "
@@ -118,9 +142,9 @@ def export_compressors(path: str | Path, params: dict, ccfg, meta: dict | None =
     return save_compressors(path, jax.device_get(params["lococo"]), ccfg, meta)
 
 
-def save_pytree(path: str | Path, tree: Any) -> Path:
+def save_pytree(path: str | Path, tree: Any) -> epath.Path:
     """Any params tree (e.g. lora.merge_lora output) as one orbax checkpoint directory."""
-    path = Path(path).expanduser().resolve()
+    path = normalize_path(path)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, tree, force=True)
     return path
@@ -128,4 +152,4 @@ def save_pytree(path: str | Path, tree: Any) -> Path:
 
 def load_pytree(path: str | Path, abstract: Any | None = None) -> Any:
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(Path(path).expanduser().resolve(), abstract)
+        return ckptr.restore(normalize_path(path), abstract)

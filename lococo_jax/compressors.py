@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save, save_file
 
 from lococo_jax.config import CompressionConfig, LlamaConfig
 from lococo_jax.policies import lococo
@@ -33,9 +33,8 @@ def save_compressors(
     ccfg: CompressionConfig,
     meta: dict[str, Any] | None = None,
 ) -> Path:
-    """Write params (the lococo subtree) atomically: a temp file renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write params (the lococo subtree) atomically: a temp file renamed into place. A URL
+    (gs://...) is written through etils.epath (object stores write whole objects anyway)."""
     tensors = {"normalizer": np.asarray(params["normalizer"], np.float32)}
     for i, conv in enumerate(params["convs"]):
         tensors[f"convs.{i}.w"] = np.asarray(conv["w"], np.float32)
@@ -44,6 +43,13 @@ def save_compressors(
         "compression_config": json.dumps(dataclasses.asdict(ccfg)),
         "meta": json.dumps(meta or {}),
     }
+    if "://" in str(path):
+        from etils import epath
+
+        epath.Path(str(path)).write_bytes(save(tensors, metadata=metadata))
+        return path
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     try:

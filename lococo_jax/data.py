@@ -6,6 +6,8 @@ Sources (DataConfig.source):
   "local": local .txt files / directories, built once into a TFDS dataset (LocalText, a
            GeneratorBasedBuilder with file_format="array_record") under data_dir, then read the
            same way. The installed tfds builds array_record datasets without TensorFlow.
+The text of each example is its feature ``text_key`` ("text" for local files; pg19 calls it
+"book_text"); ``check_source`` checks the files / prepared dataset / feature name up front.
 Documents are tokenised with any object with ``encode(text) -> list[int]``, joined into one
 stream (separated by eos when given) and cut into samples of sample_len + 1 tokens (the extra
 token is the last target; consecutive samples overlap by that one token). Each epoch visits
@@ -133,11 +135,14 @@ def build_local(files: Sequence[str], data_dir: str) -> Any:
     return builder.as_data_source(split="train")
 
 
-def open_tfds(name: str, data_dir: str, split: str) -> Any:
-    """A prepared named TFDS dataset (array_record) as a random-access data source."""
+LOCAL_NAME = "local_text"  # the TFDS name of LocalText (tfds's snake_case of the class name)
+LOCAL_FEATURES = ("name", "text")
+
+
+def _tfds_builder(name: str, data_dir: str) -> Any:
+    """The builder of a named TFDS dataset, checked to be registered and prepared in data_dir."""
     import tensorflow_datasets as tfds
 
-    data_dir = os.path.expanduser(data_dir)
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
@@ -147,6 +152,39 @@ def open_tfds(name: str, data_dir: str, split: str) -> Any:
             f"TFDS dataset {name!r} is not prepared in data_dir {data_dir!r}; prepare it with "
             f"`tfds build {name} --data_dir {data_dir} --file_format array_record` first"
         )
+    return builder
+
+
+def _missing_key(dataset: str, key: str, keys) -> DataError:
+    return DataError(
+        f"dataset {dataset}: examples have no feature {key!r} (config field 'text_key'); "
+        f"its features are {sorted(keys)}"
+    )
+
+
+def check_source(dcfg: DataConfig) -> None:
+    """Everything about the data that can be checked without reading it (and without network
+    beyond data_dir itself): local files exist and include .txt files; a named TFDS dataset is
+    registered and prepared in data_dir; text_key is one of the dataset's features.
+    Raises DataError. Cheap: meant to run before the model is loaded."""
+    if dcfg.source == "local":
+        _txt_files(dcfg.files)
+        if dcfg.text_key not in LOCAL_FEATURES:
+            raise _missing_key(f"{LOCAL_NAME!r} (local files)", dcfg.text_key, LOCAL_FEATURES)
+        return
+    data_dir = os.path.expanduser(dcfg.data_dir)
+    builder = _tfds_builder(dcfg.tfds_name, data_dir)
+    features = list(builder.info.features.keys())
+    if dcfg.text_key not in features:
+        raise _missing_key(f"{dcfg.tfds_name!r} in {data_dir!r}", dcfg.text_key, features)
+
+
+def open_tfds(name: str, data_dir: str, split: str) -> Any:
+    """A prepared named TFDS dataset (array_record) as a random-access data source."""
+    import tensorflow_datasets as tfds
+
+    data_dir = os.path.expanduser(data_dir)
+    _tfds_builder(name, data_dir)
     try:
         return tfds.data_source(name, data_dir=data_dir, split=split)
     except (NotImplementedError, ValueError) as e:
@@ -157,15 +195,20 @@ def open_tfds(name: str, data_dir: str, split: str) -> Any:
 
 
 def load_documents(dcfg: DataConfig) -> list[str]:
-    src = (
-        build_local(dcfg.files, dcfg.data_dir)
-        if dcfg.source == "local"
-        else open_tfds(dcfg.tfds_name, dcfg.data_dir, dcfg.split)
-    )
+    """The documents' text (feature dcfg.text_key of each example), at most max_documents."""
+    if dcfg.source == "local":
+        src = build_local(dcfg.files, dcfg.data_dir)
+        where = f"{LOCAL_NAME!r} (local files in {os.path.expanduser(dcfg.data_dir)!r})"
+    else:
+        src = open_tfds(dcfg.tfds_name, dcfg.data_dir, dcfg.split)
+        where = f"{dcfg.tfds_name!r} in {os.path.expanduser(dcfg.data_dir)!r}"
     n = len(src) if dcfg.max_documents is None else min(len(src), dcfg.max_documents)
     docs = []
     for i in range(n):
-        text = src[i][dcfg.text_key if dcfg.source == "tfds" else "text"]
+        example = src[i]
+        if dcfg.text_key not in example:
+            raise _missing_key(where, dcfg.text_key, example.keys())
+        text = example[dcfg.text_key]
         docs.append(text.decode("utf-8") if isinstance(text, bytes) else str(text))
     return docs
 
@@ -192,9 +235,18 @@ class Loader:
     """Batches [batch, sample_len + 1] of packed samples in a seeded per-epoch order.
 
     ``position`` ({"epoch": int, "index": int}, the next batch) is JSON-able and restores the
-    exact stream with ``set_position``."""
+    exact stream with ``set_position``. Multi-host: ``rows`` (sorted indices into the global
+    batch, see train.process_rows) makes ``next`` return only those rows, [len(rows),
+    sample_len + 1]: this process's share of the same global batch; None = the whole batch."""
 
-    def __init__(self, samples: np.ndarray, batch_size: int, seed: int, shuffle: bool = True):
+    def __init__(
+        self,
+        samples: np.ndarray,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        rows: np.ndarray | None = None,
+    ):
         if len(samples) < batch_size:
             raise DataError(
                 f"only {len(samples)} samples of {samples.shape[1]} tokens, fewer than "
@@ -203,6 +255,11 @@ class Loader:
         self.samples, self.batch_size, self.seed, self.shuffle = samples, batch_size, seed, shuffle
         self.batches_per_epoch = len(samples) // batch_size
         self.epoch, self.index = 0, 0
+        self.rows = None if rows is None else np.asarray(rows, np.int64)
+        if self.rows is not None and (
+            self.rows.ndim != 1 or np.any(self.rows < 0) or np.any(self.rows >= batch_size)
+        ):
+            raise DataError(f"rows {self.rows} are not indices into a batch of {batch_size}")
 
     @property
     def position(self) -> dict[str, int]:
@@ -222,12 +279,20 @@ class Loader:
         order = self._order(self.epoch)
         rows = order[self.index * self.batch_size : (self.index + 1) * self.batch_size]
         self.index += 1
+        if self.rows is not None:
+            rows = rows[self.rows]
         return self.samples[rows]
 
 
 def make_loader(
-    dcfg: DataConfig, tokenizer: Tokenizer, sample_len: int, batch_size: int, seed: int
+    dcfg: DataConfig,
+    tokenizer: Tokenizer,
+    sample_len: int,
+    batch_size: int,
+    seed: int,
+    rows: np.ndarray | None = None,
 ) -> Loader:
+    """Loader of global batches of batch_size (or, with ``rows``, this process's rows of them)."""
     eos = getattr(tokenizer, "eos_token_id", None)
     samples = pack(load_documents(dcfg), tokenizer, sample_len, eos)
-    return Loader(samples, batch_size, seed, dcfg.shuffle)
+    return Loader(samples, batch_size, seed, dcfg.shuffle, rows)

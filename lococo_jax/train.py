@@ -8,6 +8,14 @@ and a stop with an error on a non-finite loss or update (the NaN state is never 
 
 One step = one micro-batch [batch_size, block_size * clean_period + 1] tokens; with
 grad_accum = k the params change every k steps (optax.MultiSteps).
+
+Multi-host (``distributed: true``, e.g. a TPU pod with the same command on every host):
+``train`` calls jax.distributed.initialize() before any device use; batch_size stays the global
+batch. Every process reads the same seeded sample order and keeps only the rows of each global
+batch that its own devices hold under the batch sharding (``process_rows``: a contiguous block
+per process for the usual process-major device order), and the global batch is assembled with
+jax.make_array_from_process_local_data. One process reads the whole batch, exactly as before.
+Only process 0 writes metrics and shows the progress bar.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import yaml
 
 from lococo_jax import checkpoint, data, kv_state, llama, longctx, lora, optim, policies, sharding
@@ -38,7 +47,15 @@ TINY = LlamaConfig(
 )
 # Fields that may change between a checkpoint and its resume (they do not change the maths).
 RESUMABLE_FIELDS = frozenset(
-    {"stop_after", "checkpoint_every", "checkpoint_keep", "log_dir", "log_every", "progress"}
+    {
+        "stop_after",
+        "checkpoint_every",
+        "checkpoint_keep",
+        "log_dir",
+        "log_every",
+        "progress",
+        "distributed",
+    }
 )
 
 
@@ -90,6 +107,10 @@ class TrainConfig:
     mesh_fsdp: int = 1
     mesh_tensor: int = 1
     replicate_indivisible: bool = False
+    # Multi-host: call jax.distributed.initialize() first, with no arguments: jax detects
+    # Cloud TPU pods, SLURM, Open MPI and Kubernetes; elsewhere call it yourself with the
+    # coordinator, process count and id before train() (train then skips it).
+    distributed: bool = False
     # Checkpoints and logs.
     checkpoint_dir: str | None = None
     checkpoint_every: int = 100
@@ -103,6 +124,7 @@ class TrainConfig:
     tfds_name: str = "pg19"
     data_dir: str = "~/tensorflow_datasets"
     data_split: str = "train"
+    text_key: str = "text"  # the examples' text feature (pg19: "book_text")
     max_documents: int | None = None
     seed: int = 0
 
@@ -180,6 +202,7 @@ class TrainConfig:
             tfds_name=self.tfds_name,
             data_dir=self.data_dir,
             split=self.data_split,
+            text_key=self.text_key,
             max_documents=self.max_documents,
         )
 
@@ -190,6 +213,15 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def field_defaults(cls) -> dict[str, Any]:
+        """Each field's default as in to_dict (tuples as lists)."""
+        return {
+            f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+            for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str | None = None) -> TrainConfig:
@@ -397,13 +429,15 @@ def check_against_devices(tcfg: TrainConfig, n_devices: int) -> tuple[int, int, 
 
 
 def build(tcfg: TrainConfig, devices: list | None = None, with_checkpointer: bool = True) -> Run:
-    """Check the config (devices, checkpoint config) and build the run; no training compute."""
+    """Check the config (devices, data source, checkpoint config) and build the run; no
+    training compute. The checks come before the model is loaded."""
     devices = list(jax.devices() if devices is None else devices)
     check_against_devices(tcfg, len(devices))
+    data.check_source(tcfg.data())
     ckpt = None
     if with_checkpointer and tcfg.checkpoint_dir:
         ckpt = checkpoint.Checkpointer(tcfg.checkpoint_dir, tcfg.checkpoint_keep)
-        ckpt.check_config(tcfg.to_dict(), RESUMABLE_FIELDS)
+        ckpt.check_config(tcfg.to_dict(), RESUMABLE_FIELDS, TrainConfig.field_defaults())
     mesh = sharding.make_mesh(tcfg.mesh(), devices)
     cfg, base, tok = load_model(tcfg)
     cfg = cfg.with_linear_rope_scaling(rope_factor(tcfg, cfg))
@@ -500,14 +534,44 @@ class _Logger:
             self.tb.close()
 
 
+def init_distributed(tcfg: TrainConfig) -> None:
+    """jax.distributed.initialize() when tcfg.distributed (once; before any device use)."""
+    if tcfg.distributed and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+
+
+def process_rows(batch_sharding: jax.sharding.Sharding, global_shape: tuple[int, ...]):
+    """Sorted indices of the global batch rows held by this process's devices (all rows in a
+    single process): the rows jax.make_array_from_process_local_data expects, in its order."""
+    n = global_shape[0]
+    rows: set[int] = set()
+    for idx in batch_sharding.addressable_devices_indices_map(global_shape).values():
+        rows.update(range(*idx[0].indices(n)))
+    return np.asarray(sorted(rows), np.int64)
+
+
+def global_batch(run: Run, local_rows: np.ndarray) -> jax.Array:
+    """The sharded global batch [batch_size, sample_len + 1] from this process's rows."""
+    shape = (run.tcfg.batch_size, run.tcfg.sample_len + 1)
+    return jax.make_array_from_process_local_data(run.batch_sharding, local_rows, shape)
+
+
 def train(tcfg: TrainConfig, devices: list | None = None) -> dict[str, Any]:
     """Run (or resume) training. Returns {"losses": {step: loss}, "state": final train state,
     "run": Run, "tokens_per_s": float, "resumed_from": step or None}."""
     from tqdm.auto import tqdm
 
+    init_distributed(tcfg)
     run = build(tcfg, devices)
+    shape = (tcfg.batch_size, tcfg.sample_len + 1)
+    rows = process_rows(run.batch_sharding, shape)
     loader = data.make_loader(
-        tcfg.data(), run.tokenizer, tcfg.sample_len, tcfg.batch_size, tcfg.seed
+        tcfg.data(),
+        run.tokenizer,
+        tcfg.sample_len,
+        tcfg.batch_size,
+        tcfg.seed,
+        rows=None if len(rows) == tcfg.batch_size else rows,
     )
     resumed_from = None
     ck = run.checkpointer
@@ -520,21 +584,31 @@ def train(tcfg: TrainConfig, devices: list | None = None) -> dict[str, Any]:
     end = tcfg.stop_after or tcfg.steps
     step_fn = make_train_step(run)
     cfg_dict = tcfg.to_dict()
-    logger = _Logger(tcfg.log_dir)
+    main = jax.process_index() == 0
+    logger = _Logger(tcfg.log_dir if main else None)
     losses: dict[int, float] = {}
     tokens_per_step = tcfg.batch_size * tcfg.sample_len
-    bar = tqdm(total=end, initial=start, disable=not tcfg.progress, unit="step")
+    bar = tqdm(total=end, initial=start, disable=not (tcfg.progress and main), unit="step")
     t0, timed_steps, t_first = time.perf_counter(), 0, None
     try:
         for step in range(start + 1, end + 1):
-            batch = jax.device_put(loader.next(), run.batch_sharding)
+            batch = global_batch(run, loader.next())
             new_ts, m = step_fn(ts, batch)
             loss, finite = float(m["loss"]), bool(m["finite"])
             if not finite:
-                last = ck.latest_step() if ck else None
+                if ck is None:
+                    kept = "no checkpoint_dir, nothing saved"
+                else:
+                    ck.wait()
+                    good = ck.latest_step()
+                    kept = (
+                        f"no checkpoint in {ck.directory} yet"
+                        if good is None
+                        else f"last good checkpoint: step {good} in {ck.directory}"
+                    )
                 raise TrainError(
                     f"non-finite loss or update at step {step} (loss={loss}); stopped without "
-                    f"saving; last good checkpoint: step {last} in {tcfg.checkpoint_dir}"
+                    f"saving; {kept}"
                 )
             ts = new_ts
             losses[step] = loss

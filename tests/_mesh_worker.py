@@ -2,12 +2,19 @@
 
 Run as ``python tests/_mesh_worker.py DATA_FILE WORK_DIR``; prints one JSON line with, per mesh,
 the max relative difference of the loss and of the params after two steps.
+
+``python tests/_mesh_worker.py --process ID PORT DATA_FILE WORK_DIR``: process ID of 2 (4 fake
+CPU devices each, gloo collectives) of one multi-host train.train run with distributed=true on
+a 2x2x2 mesh; prints its losses; process 0 saves the final params to WORK_DIR/params.npz.
 """
 
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"  # before jax is imported
+MULTI = len(sys.argv) > 1 and sys.argv[1] == "--process"
+N_LOCAL = 4 if MULTI else 8
+# Before jax is imported.
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={N_LOCAL}"
 
 import json  # noqa: E402
 
@@ -76,5 +83,46 @@ def main() -> None:
     print("RESULT " + json.dumps(out))
 
 
+def multi_config(data_file: str, data_dir: str) -> train.TrainConfig:
+    return train.TrainConfig(
+        mode="post_training",
+        data_files=(data_file,),
+        data_dir=data_dir,
+        batch_size=8,
+        clean_period=4,
+        steps=2,
+        lr=1e-3,
+        memory_lr_scale=10.0,
+        progress=False,
+        mesh_data=2,
+        mesh_fsdp=2,
+        mesh_tensor=2,
+        distributed=True,
+    )
+
+
+def multi_main() -> None:
+    from jax.experimental import multihost_utils
+
+    pid, port, data_file, work = int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    # train.train's own jax.distributed.initialize() finds no cluster here, so give the
+    # coordinator explicitly; train.init_distributed then sees it initialised.
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
+    tcfg = multi_config(data_file, os.path.join(work, f"tfds{pid}"))  # no shared build dir
+    out = train.train(tcfg)
+    assert jax.process_count() == 2 and jax.device_count() == 8, jax.devices()
+    rows = train.process_rows(out["run"].batch_sharding, (8, tcfg.sample_len + 1))
+    params = multihost_utils.process_allgather(out["state"]["params"], tiled=True)
+    if pid == 0:
+        flat = jax.tree_util.tree_flatten_with_path(params)[0]
+        np.savez(
+            os.path.join(work, "params.npz"),
+            **{jax.tree_util.keystr(k): np.asarray(v) for k, v in flat},
+        )
+    res = {"losses": out["losses"], "rows": rows.tolist(), "config": tcfg.to_dict()}
+    multihost_utils.sync_global_devices("saved")
+    print("RESULT " + json.dumps(res), flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    multi_main() if MULTI else main()

@@ -3,6 +3,8 @@ exports (compressors, LoRA-merged params)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,3 +75,15 @@ def test_export_compressors_and_merged_lora(tmp_path):
     p = checkpoint.save_pytree(tmp_path / "merged", merged)
     back = checkpoint.load_pytree(p)
     np.testing.assert_array_equal(back["layers"]["wq"], merged["layers"]["wq"])
+
+
+def test_normalize_path_keeps_urls(tmp_path, monkeypatch):
+    for url in ("gs://bucket/x", "gs://bucket/a/../b", "s3://b/k"):
+        p = checkpoint.normalize_path(url)
+        assert str(p) == url and str(p / "7") == url + "/7"
+    root = tmp_path.resolve()
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("HOME", str(root / "home"))
+    assert str(checkpoint.normalize_path("~/ck")) == str(root / "home" / "ck")
+    assert str(checkpoint.normalize_path("rel/ck")) == str(root / "rel" / "ck")
+    assert str(checkpoint.normalize_path(Path("a/../b"))) == str(root / "b")

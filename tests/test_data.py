@@ -75,3 +75,27 @@ def test_missing_datasets_error_clearly(tmp_path):
         data.load_documents(data.DataConfig(files=(str(tmp_path / "missing.txt"),)))
     with pytest.raises(data.DataError, match="fewer than batch_size 99"):
         data.Loader(np.zeros((3, 9), np.int32), 99, 0)
+
+
+def test_text_key_mismatch_names_dataset_key_and_features(docs):
+    import dataclasses
+
+    dcfg, _ = docs
+    bad = dataclasses.replace(dcfg, text_key="book_text")
+    # Examples of the (built) local TFDS dataset have "text" and "name", not pg19's "book_text".
+    with pytest.raises(data.DataError, match=r"local_text.*'book_text'.*\['name', 'text'\]"):
+        data.load_documents(bad)
+    with pytest.raises(data.DataError, match=r"'book_text'.*\['name', 'text'\]"):
+        data.check_source(bad)  # the same, found without reading the data
+    data.check_source(dcfg)
+
+
+def test_loader_rows_split_the_global_batch(docs):
+    _, texts = docs
+    samples = data.pack(texts, data.ByteTokenizer(), 64)[:30]
+    full = _take(data.Loader(samples, 4, seed=3), 9)
+    halves = [_take(data.Loader(samples, 4, seed=3, rows=np.array(r)), 9) for r in ([0, 1], [2, 3])]
+    for f, a, b in zip(full, *halves, strict=True):
+        np.testing.assert_array_equal(np.concatenate([a, b]), f)
+    with pytest.raises(data.DataError, match="not indices into a batch of 4"):
+        data.Loader(samples, 4, seed=3, rows=np.array([4]))

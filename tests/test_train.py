@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from lococo_jax import checkpoint, optim, sharding, train
+from lococo_jax import checkpoint, data, optim, sharding, train
 from lococo_jax.config import ConfigError
 
 HERE = Path(__file__).resolve().parent
@@ -59,13 +60,56 @@ def test_sharded_step_matches_single_device(tmp_path):
     assert res["2x2x2"]["wq_spec"] == "P(None, 'fsdp', 'tensor')"
 
 
+@pytest.mark.slow
+def test_two_processes_match_single_device(tmp_path):
+    """distributed=true over 2 processes x 4 CPU devices: each process feeds only its rows of
+    the global batch, and the run equals the single-device run."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent)] + sys.path))
+    worker = [sys.executable, str(HERE / "_mesh_worker.py"), "--process"]
+    procs = [
+        subprocess.Popen(
+            worker + [str(i), port, TEXT, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in (0, 1)
+    ]
+    try:
+        outs = [p.communicate(timeout=400) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    res = []
+    for p, (out, err) in zip(procs, outs, strict=True):
+        line = [x for x in out.splitlines() if x.startswith("RESULT ")]
+        assert p.returncode == 0 and line, err[-3000:]
+        res.append(json.loads(line[0][len("RESULT ") :]))
+    assert res[0]["rows"] == [0, 1, 2, 3] and res[1]["rows"] == [4, 5, 6, 7]
+    assert res[0]["losses"] == res[1]["losses"]
+    ref_cfg = dict(res[0]["config"], distributed=False, mesh_data=1, mesh_fsdp=1, mesh_tensor=1)
+    ref_cfg["data_dir"] = str(tmp_path / "tfds_ref")
+    ref = train.train(train.TrainConfig.from_dict(ref_cfg))
+    for step, loss in ref["losses"].items():
+        assert abs(res[0]["losses"][str(step)] - loss) < 1e-5 * abs(loss), step
+    got = np.load(tmp_path / "params.npz")
+    flat = jax.tree_util.tree_flatten_with_path(ref["state"]["params"])[0]
+    for k, v in flat:
+        a, b = got[jax.tree_util.keystr(k)], np.asarray(v)
+        # The tolerance of test_sharded_step_matches_single_device (Adam amplifies float-order
+        # noise where a gradient is ~0).
+        assert np.max(np.abs(a - b)) < 1e-4, jax.tree_util.keystr(k)
+
+
 @pytest.mark.parametrize("mode", ["inference", "post_training"])
 def test_only_intended_params_change(tmp_path, mode):
     run = train.build(tiny(tmp_path, mode=mode), with_checkpointer=False)
     ts = run.init_ts()
     before = jax.tree.map(np.array, ts["params"])
-    from lococo_jax import data
-
     loader = data.make_loader(run.tcfg.data(), run.tokenizer, run.tcfg.sample_len, 4, 0)
     new, m = train.make_train_step(run)(ts, loader.next())
     assert np.isfinite(float(m["loss"]))
@@ -139,11 +183,74 @@ def test_loss_goes_down(tmp_path):
     assert len(lines) == 30 and "tokens_per_s" in json.loads(lines[-1])
 
 
-def test_nan_loss_stops_with_step_and_saves_nothing(tmp_path):
-    cfg = tiny(tmp_path, lr=float("inf"), decay="constant", checkpoint_dir=str(tmp_path / "c"))
-    with pytest.raises(train.TrainError, match="step 1"):
+def test_nan_loss_stops_at_its_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    ck_dir, k = tmp_path / "c", 4
+    cfg = tiny(tmp_path, steps=6, checkpoint_every=1, checkpoint_dir=str(ck_dir))
+    saved = {}
+    orig_save, orig_next = checkpoint.Checkpointer.save, data.Loader.next
+
+    def save(self, step, state, pos, config):
+        saved[step] = jax.tree.map(np.array, state["params"])
+        orig_save(self, step, state, pos, config)
+
+    def next_batch(self):
+        b = orig_next(self)
+        if self.index == k:  # the batch of step k: a token id past the embedding table,
+            b = b.copy()  # which jnp.take turns into a NaN embedding, so a NaN loss
+            b[0, 3] = train.TINY.vocab_size + 1000
+        return b
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", save)
+    monkeypatch.setattr(data.Loader, "next", next_batch)
+    with pytest.raises(train.TrainError, match=rf"step {k} \(loss=nan\).*checkpoint: step {k - 1}"):
         train.train(cfg)
-    assert checkpoint.Checkpointer(tmp_path / "c").latest_step() is None
+    assert sorted(saved) == [1, 2, 3]
+    ck = checkpoint.Checkpointer(ck_dir)
+    assert ck.latest_step() == k - 1 and ck.manager.all_steps() == [1, 2, 3]
+    run = train.build(cfg)  # the same config resumes from it
+    ts, pos, step = run.checkpointer.restore(run.abstract_ts)
+    assert step == k - 1 and int(ts["step"]) == k - 1 and pos == {"epoch": 0, "index": k - 1}
+    for a, b in zip(jax.tree.leaves(saved[k - 1]), jax.tree.leaves(ts["params"]), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    assert not all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(saved[1]), jax.tree.leaves(saved[3]), strict=True)
+    )
+
+
+def test_missing_data_errors_before_model_load(tmp_path, monkeypatch):
+    def no_load(tcfg):
+        raise AssertionError("the model was loaded before the data source was checked")
+
+    monkeypatch.setattr(train, "load_model", no_load)
+    missing = str(tmp_path / "missing.txt")
+    with pytest.raises(data.DataError, match="not found: .*missing.txt"):
+        train.train(tiny(tmp_path, data_files=(missing,), checkpoint_dir=str(tmp_path / "c")))
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(data.DataError, match=r"no feature 'book_text'.*\['name', 'text'\]"):
+        train.build(tiny(tmp_path, text_key="book_text"))
+    empty = tmp_path / "empty_tfds"
+    with pytest.raises(data.DataError, match="'pg19' is not prepared in data_dir.*empty_tfds"):
+        train.build(tiny(tmp_path, data_source="tfds", tfds_name="pg19", data_dir=str(empty)))
+
+
+def test_single_process_batch_is_the_whole_global_batch(tmp_path):
+    run = train.build(tiny(tmp_path), with_checkpointer=False)
+    shape = (4, run.tcfg.sample_len + 1)
+    np.testing.assert_array_equal(train.process_rows(run.batch_sharding, shape), np.arange(4))
+    rows = np.arange(np.prod(shape), dtype=np.int32).reshape(shape)
+    batch = train.global_batch(run, rows)
+    assert batch.sharding == run.batch_sharding
+    np.testing.assert_array_equal(np.asarray(batch), rows)
+
+
+def test_fields_added_since_a_checkpoint_resume_at_their_defaults():
+    saved = {"lr": 0.001, "steps": 6}  # written before text_key and distributed existed
+    current = {"lr": 0.001, "steps": 6, "text_key": "text", "distributed": False}
+    defaults = train.TrainConfig.field_defaults()
+    assert checkpoint.config_diff(saved, current, set(), defaults) == []
+    diff = checkpoint.config_diff(saved, {**current, "text_key": "book_text"}, set(), defaults)
+    assert diff == ["text_key: 'text' -> 'book_text'"]
 
 
 def test_config_errors(tmp_path):
