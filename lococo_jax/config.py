@@ -257,6 +257,12 @@ class CompressionConfig:
     expand: int = 1
     activation: str = "relu"
     normalizer_init: float = 0.5
+    # Use the learned normaliser a clipped to [0, 1], so W = a A + (1 - a) R stays a convex
+    # mixture. Unclipped (the official arithmetic), a < 0 gives W negative entries: each fused
+    # slot extrapolates past its anchor, and since fused slots are re-fused at every later
+    # compression the overshoot compounds (calibrated SmolLM2 at M=64 with a < 0 in 12 of 30
+    # layers: held-out perplexity 23.8 at 4K, 138 at 8K).
+    clip_normalizer: bool = True
     fusion_impl: str = "auto"
 
     def __post_init__(self):

@@ -225,3 +225,36 @@ def test_truncation_trains_compressors_but_cuts_earlier_chunks(tiny_cfg, tiny_pa
         assert np.isfinite(np.asarray(leaf)).all()
     w = np.asarray(cut["lococo"]["convs"][0]["w"])
     assert all(np.abs(w[li]).max() > 0 for li in range(tiny_cfg.num_hidden_layers))
+
+
+def test_normalizer_is_clipped_to_a_convex_mixture():
+    """a < 0 acts as a = 0 (anchors only) when clipped; unclipped, fused values overshoot the
+    range of the values they mix (rows of W with negative weights)."""
+    d, M, B, b, h = 4, 16, 8, 1, 2
+    S = M + B
+    rng = np.random.RandomState(5)
+    V = rng.rand(b, h, S, d).astype(np.float32)  # values in [0, 1)
+    s = rng.rand(b, h, S).astype(np.float32)
+    e = Entries(
+        k=jnp.asarray(rng.randn(b, h, S, d).astype(np.float32)),
+        v=jnp.asarray(V),
+        pos=jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (b, h, S)),
+        valid=jnp.ones((b, h, S), bool),
+        acc=jnp.asarray(s),
+        chunk=jnp.asarray(s),
+        last=jnp.zeros((b, S)),
+        n_valid=jnp.full((b,), S, jnp.int32),
+    )
+    out = {}
+    for clip in (True, False):
+        ccfg = CompressionConfig(
+            policy="lococo", cache_size=M, chunk_size=B, kernel_size=3, clip_normalizer=clip
+        )
+        layer = jax.tree.map(
+            lambda x: x[0], lococo.init_params(jax.random.PRNGKey(1), _cfg(d), ccfg)
+        )
+        for a in (-3.0, 0.0):
+            out[clip, a] = np.asarray(lococo.compress(ccfg, dict(layer, normalizer=a), e).v)
+    np.testing.assert_array_equal(out[True, -3.0], out[True, 0.0])
+    assert out[True, -3.0].min() >= 0.0 and out[True, -3.0].max() < 1.0
+    assert out[False, -3.0].min() < 0.0 or out[False, -3.0].max() > 1.0

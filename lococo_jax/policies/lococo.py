@@ -8,7 +8,7 @@ attention this chunk's queries paid to each entry):
   3. the other N = S - keep entries in original order ("rest"), with scores s';
   4. R [C, N]: row j one-hot at the j-th (by position) of the C top-scored rest entries;
   5. A = softmax_N(act(conv(concat(K_rest, V_rest))))  [C, N];
-  6. W = a A + (1 - a) R;
+  6. W = a A + (1 - a) R (a clipped to [0, 1] unless ccfg.clip_normalizer is False);
   7. new slots = [heavy hitters ; W K_rest, W V_rest].
 Steps 5 and the products A K, A V are kernels.lococo_fusion.conv_softmax_mix (Pallas or its
 jnp reference); the one-hot residual is a gather, never a dense matrix.
@@ -88,6 +88,8 @@ def compress(ccfg: CompressionConfig, params: dict[str, Any], e: Entries) -> Slo
         impl=ccfg.fusion_impl,  # 'auto': Pallas on GPU/TPU for one conv layer
     )
     a = params["normalizer"]
+    if ccfg.clip_normalizer:  # see CompressionConfig.clip_normalizer
+        a = jnp.clip(a, 0.0, 1.0)
     fused_k = a * ak.reshape(b, h, C, d).astype(jnp.float32) + (1 - a) * take(k_rest, anchor)
     fused_v = a * av.reshape(b, h, C, d).astype(jnp.float32) + (1 - a) * take(v_rest, anchor)
 
