@@ -41,17 +41,7 @@ def run(tcfg: train.TrainConfig, devices, batches):
 def main() -> None:
     data_file, work = sys.argv[1], sys.argv[2]
     assert jax.device_count() == 8, jax.devices()
-    base = train.TrainConfig(
-        mode="post_training",
-        data_files=(data_file,),
-        data_dir=work,
-        batch_size=8,
-        clean_period=4,
-        steps=4,
-        lr=1e-3,
-        memory_lr_scale=10.0,
-        progress=False,
-    )
+    base = config(data_file, work, steps=4)
     loader = data.make_loader(base.data(), data.ByteTokenizer(), base.sample_len, 8, 0)
     batches = [loader.next(), loader.next()]
     devs = jax.devices()
@@ -83,21 +73,24 @@ def main() -> None:
     print("RESULT " + json.dumps(out))
 
 
-def multi_config(data_file: str, data_dir: str) -> train.TrainConfig:
-    return train.TrainConfig(
+def config(data_file: str, data_dir: str, **kw) -> train.TrainConfig:
+    """The post_training run every mesh / process layout is compared on (batch 8)."""
+    base = dict(
         mode="post_training",
         data_files=(data_file,),
         data_dir=data_dir,
         batch_size=8,
         clean_period=4,
-        steps=2,
         lr=1e-3,
         memory_lr_scale=10.0,
         progress=False,
-        mesh_data=2,
-        mesh_fsdp=2,
-        mesh_tensor=2,
-        distributed=True,
+    )
+    return train.TrainConfig(**{**base, **kw})
+
+
+def multi_config(data_file: str, data_dir: str) -> train.TrainConfig:
+    return config(
+        data_file, data_dir, steps=2, mesh_data=2, mesh_fsdp=2, mesh_tensor=2, distributed=True
     )
 
 

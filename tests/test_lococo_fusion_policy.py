@@ -63,6 +63,21 @@ def _cfg(d):
     )
 
 
+def all_valid_entries(K, V, chunk, acc) -> Entries:
+    """Entries with every one of the S positions valid: K, V [b, h, S, d]; scores [b, h, S]."""
+    b, h, S = chunk.shape
+    return Entries(
+        k=jnp.asarray(K),
+        v=jnp.asarray(V),
+        pos=jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (b, h, S)),
+        valid=jnp.ones((b, h, S), bool),
+        acc=jnp.asarray(acc),
+        chunk=jnp.asarray(chunk),
+        last=jnp.zeros((b, S)),
+        n_valid=jnp.full((b,), S, jnp.int32),
+    )
+
+
 @pytest.mark.parametrize(
     "r, local, n_conv, expand",
     [
@@ -98,16 +113,7 @@ def test_fused_slots_equal_loop_implementation(r, local, n_conv, expand):
     acc = rng.rand(b, h, S).astype(np.float32)
     params = lococo.init_params(jax.random.PRNGKey(1), cfg, ccfg)
     layer = jax.tree.map(lambda x: x[0], params)
-    e = Entries(
-        k=jnp.asarray(K),
-        v=jnp.asarray(V),
-        pos=jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (b, h, S)),
-        valid=jnp.ones((b, h, S), bool),
-        acc=jnp.asarray(acc),
-        chunk=jnp.asarray(s),
-        last=jnp.zeros((b, S)),
-        n_valid=jnp.full((b,), S, jnp.int32),
-    )
+    e = all_valid_entries(K, V, s, acc)
     out = lococo.compress(ccfg, layer, e)
     convs = [
         (np.asarray(c["w"], np.float64), np.asarray(c["b"], np.float64)) for c in layer["convs"]
@@ -235,16 +241,7 @@ def test_normalizer_is_clipped_to_a_convex_mixture():
     rng = np.random.RandomState(5)
     V = rng.rand(b, h, S, d).astype(np.float32)  # values in [0, 1)
     s = rng.rand(b, h, S).astype(np.float32)
-    e = Entries(
-        k=jnp.asarray(rng.randn(b, h, S, d).astype(np.float32)),
-        v=jnp.asarray(V),
-        pos=jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (b, h, S)),
-        valid=jnp.ones((b, h, S), bool),
-        acc=jnp.asarray(s),
-        chunk=jnp.asarray(s),
-        last=jnp.zeros((b, S)),
-        n_valid=jnp.full((b,), S, jnp.int32),
-    )
+    e = all_valid_entries(rng.randn(b, h, S, d).astype(np.float32), V, s, s)
     out = {}
     for clip in (True, False):
         ccfg = CompressionConfig(
