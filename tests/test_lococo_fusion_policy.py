@@ -142,6 +142,24 @@ def test_fused_slots_equal_loop_implementation(r, local, n_conv, expand):
     np.testing.assert_allclose(np.asarray(lococo.compress(ccfg, layer, ones).v), 1.0, atol=1e-6)
 
 
+def chunked_nll_sum(params, cfg, ccfg, toks, targets, truncate: bool = False) -> jax.Array:
+    """Summed NLL of toks [n, 1, B] read chunk by chunk (batch 1, remat) from an empty state."""
+    n, b, B = toks.shape
+    _, _, nll = longctx.scan_chunks(
+        params,
+        init_state(cfg, ccfg, b),
+        toks,
+        jnp.full((n, b), B),
+        cfg,
+        ccfg,
+        targets=targets,
+        output="nll",
+        remat=True,
+        truncate=truncate,
+    )
+    return nll.sum()
+
+
 def test_gradients_reach_compressors_through_compressing_chunks(tiny_cfg, tiny_params):
     ccfg = CompressionConfig(policy="lococo", cache_size=16, chunk_size=8, kernel_size=3)
     params = dict(tiny_params, lococo=policies.init_params(jax.random.PRNGKey(2), tiny_cfg, ccfg))
@@ -151,18 +169,7 @@ def test_gradients_reach_compressors_through_compressing_chunks(tiny_cfg, tiny_p
 
     def loss(lococo_params):
         p = dict(params, lococo=lococo_params)
-        _, _, nll = longctx.scan_chunks(
-            p,
-            init_state(tiny_cfg, ccfg, 1),
-            toks,
-            jnp.full((n, 1), 8),
-            tiny_cfg,
-            ccfg,
-            targets=tgt.reshape(n, 1, 8),
-            output="nll",
-            remat=True,
-        )
-        return nll.sum() / (n * 8 - 1)
+        return chunked_nll_sum(p, tiny_cfg, ccfg, toks, tgt.reshape(n, 1, 8)) / (n * 8 - 1)
 
     grads = jax.grad(loss)(params["lococo"])
     for leaf in jax.tree.leaves(grads):
@@ -207,19 +214,7 @@ def test_truncation_trains_compressors_but_cuts_earlier_chunks(tiny_cfg, tiny_pa
 
     def grads(truncate: bool):
         def loss(p):
-            _, _, nll = longctx.scan_chunks(
-                p,
-                init_state(tiny_cfg, ccfg, 1),
-                toks,
-                jnp.full((n, 1), 8),
-                tiny_cfg,
-                ccfg,
-                targets=jnp.asarray(tgt),
-                output="nll",
-                remat=True,
-                truncate=truncate,
-            )
-            return nll.sum()
+            return chunked_nll_sum(p, tiny_cfg, ccfg, toks, jnp.asarray(tgt), truncate=truncate)
 
         return jax.grad(loss)(params)
 
