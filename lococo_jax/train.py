@@ -31,7 +31,18 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from lococo_jax import checkpoint, data, kv_state, llama, longctx, lora, optim, policies, sharding
+from lococo_jax import (
+    checkpoint,
+    compressors,
+    data,
+    kv_state,
+    llama,
+    longctx,
+    lora,
+    optim,
+    policies,
+    sharding,
+)
 from lococo_jax.config import CompressionConfig, ConfigError, LlamaConfig
 
 # A tiny random model for CPU runs and tests (vocab 256 = the byte tokenizer).
@@ -81,6 +92,10 @@ class TrainConfig:
     activation: str = "relu"
     normalizer_init: float = 0.5
     fusion_impl: str = "auto"
+    # Start the compressors from this safetensors file (compressors.save_compressors format)
+    # instead of a random init: continued calibration with a fresh schedule. A fresh run only;
+    # a resume restores its checkpoint.
+    init_compressors: str | None = None
     # Training.
     mode: str = "inference"
     clean_period: int = 4
@@ -275,13 +290,38 @@ def rope_factor(tcfg: TrainConfig, cfg: LlamaConfig) -> float:
     return max(1.0, tcfg.sample_len / cfg.max_position_embeddings)
 
 
-def init_train_params(tcfg: TrainConfig, base: dict[str, Any], cfg: LlamaConfig):
-    """Base params + params["lococo"] (+ params["lora"] in post_training mode)."""
+def load_init_compressors(tcfg: TrainConfig, cfg: LlamaConfig) -> dict[str, Any] | None:
+    """The compressors named by ``init_compressors`` (None if unset), checked against the run's
+    compression config: the fields that shape the conv must match."""
+    if tcfg.init_compressors is None:
+        return None
+    path = tcfg.init_compressors
+    params, saved, _ = compressors.load_compressors(path, cfg)
+    ccfg = tcfg.compression()
+    shape_fields = ("cache_size", "chunk_size", "hh_keep_rate", "kernel_size", "n_convlayer")
+    diff = [
+        f"{f}: {getattr(saved, f)} in the file, {getattr(ccfg, f)} in the config"
+        for f in shape_fields + ("expand", "activation")
+        if getattr(saved, f) != getattr(ccfg, f)
+    ]
+    if diff:
+        raise ConfigError(f"config field 'init_compressors': {path} differs: {'; '.join(diff)}")
+    return params
+
+
+def init_train_params(
+    tcfg: TrainConfig,
+    base: dict[str, Any],
+    cfg: LlamaConfig,
+    init_pol: dict[str, Any] | None = None,
+):
+    """Base params + params["lococo"] (``init_pol`` if given, else a random init) (+
+    params["lora"] in post_training mode)."""
     k_pol, k_lora = jax.random.split(jax.random.PRNGKey(tcfg.seed), 2)
     params = dict(base)
     pol = policies.init_params(k_pol, cfg, tcfg.compression())
     if pol is not None:
-        params["lococo"] = pol
+        params["lococo"] = pol if init_pol is None else init_pol
     if tcfg.mode == "post_training":
         params["lora"] = lora.init_lora(k_lora, cfg, tcfg.lora(), base["embed"].dtype)
     return params
@@ -434,6 +474,8 @@ def build(tcfg: TrainConfig, devices: list | None = None, with_checkpointer: boo
     devices = list(jax.devices() if devices is None else devices)
     check_against_devices(tcfg, len(devices))
     data.check_source(tcfg.data())
+    if tcfg.init_compressors is not None and not Path(tcfg.init_compressors).is_file():
+        raise ConfigError(f"config field 'init_compressors': no such file: {tcfg.init_compressors}")
     ckpt = None
     if with_checkpointer and tcfg.checkpoint_dir:
         ckpt = checkpoint.Checkpointer(tcfg.checkpoint_dir, tcfg.checkpoint_keep)
@@ -448,8 +490,10 @@ def build(tcfg: TrainConfig, devices: list | None = None, with_checkpointer: boo
             f"config field 'tokenizer': its vocab ({vocab}) exceeds the model's ({cfg.vocab_size})"
         )
 
+    init_pol = load_init_compressors(tcfg, cfg)
+
     def make_params():
-        return init_train_params(tcfg, base, cfg)
+        return init_train_params(tcfg, base, cfg, init_pol)
 
     abstract_params = jax.eval_shape(make_params)
     labels = optim.param_labels(abstract_params, tcfg.mode, tcfg.train_norms_embed)

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from lococo_jax import checkpoint, data, optim, sharding, train
+from lococo_jax import checkpoint, compressors, data, optim, sharding, train
 from lococo_jax.config import ConfigError
 
 HERE = Path(__file__).resolve().parent
@@ -170,6 +170,25 @@ def test_resume_equals_uninterrupted(tmp_path):
     ):
         np.testing.assert_array_equal(a, np.asarray(b))
     assert second["data_position"] == straight["data_position"]
+
+
+def test_init_compressors_starts_from_the_file(tmp_path, monkeypatch):
+    first = tiny(tmp_path, steps=2, checkpoint_dir=str(tmp_path / "a"))
+    trained = train.train(first)["state"]["params"]["lococo"]
+    path = tmp_path / "c.safetensors"
+    compressors.save_compressors(path, trained, first.compression())
+    run = train.build(tiny(tmp_path, init_compressors=str(path)), with_checkpointer=False)
+    start = run.init_ts()["params"]["lococo"]
+    for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(start), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    fresh = train.build(tiny(tmp_path), with_checkpointer=False).init_ts()["params"]["lococo"]
+    assert not np.array_equal(np.asarray(fresh["normalizer"]), np.asarray(trained["normalizer"]))
+
+    with pytest.raises(ConfigError, match=r"init_compressors.*kernel_size: 3 in the file, 5"):
+        train.build(tiny(tmp_path, init_compressors=str(path), kernel_size=5))
+    monkeypatch.setattr(train, "load_model", lambda tcfg: pytest.fail("model loaded first"))
+    with pytest.raises(ConfigError, match=r"'init_compressors': no such file: .*nope"):
+        train.build(tiny(tmp_path, init_compressors=str(tmp_path / "nope")))
 
 
 @pytest.mark.slow
