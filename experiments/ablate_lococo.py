@@ -1,0 +1,137 @@
+"""LoCoCo ablations on held-out text: one perplexity pass per variant of the compressor set-up.
+
+A variant is comma-separated key=value pairs:
+  file=PATH      compressor weights (default: the committed ones for --cache-size; "none": a
+                 random init, which only makes sense with a=0)
+  a=FLOAT        override the normaliser of every layer (a=0: the residual anchors alone, W = R,
+                 so the conv is unused and the variant is a pure eviction policy)
+  local_len=INT, hh_keep_rate=FLOAT   override the file's compression config (hh_keep_rate
+                 changes the conv's shape: only with file=none)
+  label=TEXT     the row's name (default: the pairs themselves)
+Rows are appended to the JSON as they finish (an interrupted run resumes by label).
+
+    python experiments/ablate_lococo.py --cache-size 128 --length 4096 \\
+        --variant "label=committed" --variant "a=0" --variant "a=0,local_len=64"
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lococo_jax import compressors, evaluate, policies
+from lococo_jax.config import CompressionConfig
+from lococo_jax.models import load_default_model
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+KEYS = {"file", "a", "local_len", "hh_keep_rate", "label"}
+
+
+def parse_variant(spec: str) -> dict[str, str]:
+    out = {}
+    for pair in filter(None, spec.split(",")):
+        key, sep, val = pair.partition("=")
+        if not sep or key not in KEYS:
+            raise SystemExit(f"--variant {spec!r}: {pair!r} is not one of {sorted(KEYS)}=VALUE")
+        out[key] = val
+    out.setdefault("label", spec)
+    return out
+
+
+def build(params, cfg, M: int, B: int, v: dict[str, str]):
+    """-> (params with params["lococo"], CompressionConfig, file used or None)."""
+    ccfg = CompressionConfig(policy="lococo", cache_size=M, chunk_size=B, local_len=M // 4)
+    path = v.get("file", "")
+    if path == "none":
+        path = None
+    elif not path:
+        path = compressors.default_compressors(M, B)
+        if path is None:
+            raise SystemExit(f"no committed compressors for M={M}, B={B}; pass file=none")
+    over = {k: type(getattr(ccfg, k))(v[k]) for k in ("local_len", "hh_keep_rate") if k in v}
+    if path is None:
+        ccfg = dataclasses.replace(ccfg, **over)
+        p = dict(params, lococo=policies.init_params(jax.random.PRNGKey(0), cfg, ccfg))
+    else:
+        p, ccfg, _ = compressors.with_policy_params(params, cfg, ccfg, path)
+        if "hh_keep_rate" in over and over["hh_keep_rate"] != ccfg.hh_keep_rate:
+            raise SystemExit("hh_keep_rate changes the conv's shape: use it with file=none")
+        ccfg = dataclasses.replace(ccfg, **over)
+    if "a" in v:
+        sub = p["lococo"]
+        p = dict(p, lococo=dict(sub, normalizer=jnp.full_like(sub["normalizer"], float(v["a"]))))
+    return p, ccfg, None if path is None else str(Path(path).resolve().relative_to(ROOT))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--text", default=str(ROOT / "data/austen/prideprejudice.txt"))
+    ap.add_argument("--cache-size", type=int, default=128)
+    ap.add_argument("--chunk-size", type=int, default=128)
+    ap.add_argument("--length", type=int, default=4096, help="ppl at 1K, 2K, ... up to this")
+    ap.add_argument("--variant", action="append", required=True, help="see above")
+    ap.add_argument("--out", default=None, help="default: results/ablation_m{M}.json")
+    args = ap.parse_args()
+    M, B, Lmax = args.cache_size, args.chunk_size, args.length
+    variants = [parse_variant(s) for s in args.variant]
+    out = Path(args.out or RESULTS / f"ablation_m{M}.json")
+
+    cfg, params, tok = load_default_model()
+    ids = np.asarray(
+        tok.encode(Path(args.text).read_text(encoding="utf-8"), add_special_tokens=False), np.int32
+    )[:Lmax]
+    lengths = [L for L in (1024, 2048, 4096, 8192, 16384) if L <= Lmax]
+    done = json.loads(out.read_text()) if out.exists() else {"rows": []}
+    done.update(text=Path(args.text).name, cache_size=M, chunk_size=B, length=Lmax)
+    done["device"] = jax.devices()[0].device_kind
+    have = {r["label"] for r in done["rows"]}
+    for v in variants:
+        if v["label"] in have:
+            continue
+        p, ccfg, path = build(params, cfg, M, B, v)
+        t0 = time.perf_counter()
+        nll = np.cumsum(evaluate.nll_per_token(p, ids, cfg, ccfg, progress=True, desc=v["label"]))
+        a = np.clip(np.asarray(p["lococo"]["normalizer"]), 0.0, 1.0)
+        row = dict(
+            label=v["label"],
+            file=path,
+            compression_config=dataclasses.asdict(ccfg),
+            a_mean=float(a.mean()),
+            seconds=time.perf_counter() - t0,
+            ppl={str(L): float(np.exp(nll[L - 2] / (L - 1))) for L in lengths},
+        )
+        done["rows"].append(row)
+        have.add(v["label"])
+        print(row["label"], {k: round(x, 3) for k, x in row["ppl"].items()}, flush=True)
+        out.write_text(json.dumps(done, indent=1))
+
+    head = "| variant | file | r | local | k | conv layers | mean a | "
+    lines = [head + " | ".join(f"{L // 1024}K" for L in lengths) + " |"]
+    lines.append("|---" * (7 + len(lengths)) + "|")
+    for r in done["rows"]:
+        c = r["compression_config"]
+        name = Path(r["file"]).name if r["file"] else "random init"
+        vals = " | ".join(f"{r['ppl'].get(str(L), float('nan')):.2f}" for L in lengths)
+        lines.append(
+            f"| {r['label']} | {name} | {c['hh_keep_rate']} | {c['local_len']} | "
+            f"{c['kernel_size']} | {c['n_convlayer']} | {r['a_mean']:.3f} | {vals} |"
+        )
+    md = "\n".join(lines)
+    print("\n" + md)
+    out.with_suffix(".md").write_text(
+        f"LoCoCo ablations at M = {M}, B = {B}: perplexity of the first L tokens of "
+        f"{done['text']} (held out), device {done['device']}.\n\n{md}\n"
+    )
+    print(f"wrote {out}, {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
