@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -103,6 +104,7 @@ def main() -> None:
         row = dict(
             label=v["label"],
             file=path,
+            sha256=path and hashlib.sha256((ROOT / path).read_bytes()).hexdigest()[:16],
             compression_config=dataclasses.asdict(ccfg),
             a_mean=float(a.mean()),
             seconds=time.perf_counter() - t0,

@@ -9,6 +9,7 @@ meant to be committed, diffed by size, and read without a checkpoint directory l
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -99,6 +100,16 @@ def default_compressors(cache_size: int, chunk_size: int = 128) -> Path | None:
     """The committed compressors for the embedded SmolLM2-135M at (M, B), if any."""
     p = ASSETS / f"smollm2-135m_M{cache_size}_B{chunk_size}.safetensors"
     return p if p.is_file() else None
+
+
+def provenance(policy: str, cache_size: int, chunk_size: int) -> dict[str, str] | None:
+    """Which committed weights a result at (policy, M, B) comes from: {"file", "sha256" (first
+    16 hex digits)}; None where no weights are involved (other policies, or a random init).
+    Evaluation scripts store it with each result and recompute results whose weights changed."""
+    path = default_compressors(cache_size, chunk_size) if policy == "lococo" else None
+    if path is None:
+        return None
+    return {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
 
 
 def with_policy_params(

@@ -3,6 +3,7 @@ text: at M = 64, lococo's loss is below h2o's and streaming's."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import jax
@@ -33,6 +34,23 @@ def test_round_trip_and_shape_errors(tiny_cfg, tmp_path):
         compressors.load_compressors(tmp_path / "missing.safetensors", tiny_cfg)
     with pytest.raises(ValueError, match="trained for cache_size=16"):
         compressors.with_policy_params({}, tiny_cfg, other, tmp_path / "c.safetensors")
+
+
+def test_provenance_follows_the_committed_file(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr(compressors, "ASSETS", tmp_path)
+    assert compressors.provenance("lococo", 16, 8) is None  # no file: random init
+    ccfg = CompressionConfig(policy="lococo", cache_size=16, chunk_size=8, kernel_size=5)
+    params = policies.init_params(jax.random.PRNGKey(0), tiny_cfg, ccfg)
+    path = compressors.save_compressors(tmp_path / "smollm2-135m_M16_B8.safetensors", params, ccfg)
+    first = compressors.provenance("lococo", 16, 8)
+    assert first == {
+        "file": path.name,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16],
+    }
+    assert compressors.provenance("h2o", 16, 8) is None
+    params["normalizer"] = params["normalizer"] + 0.1  # new weights: results must be redone
+    compressors.save_compressors(path, params, ccfg)
+    assert compressors.provenance("lococo", 16, 8)["sha256"] != first["sha256"]
 
 
 @pytest.mark.slow
