@@ -25,6 +25,14 @@ def test_round_trip_and_shape_errors(tiny_cfg, tmp_path):
     assert ccfg2 == ccfg and meta == {"note": "x"}
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    half = compressors.save_compressors(
+        tmp_path / "h.safetensors", params, ccfg, conv_dtype="float16"
+    )
+    loaded, _, _ = compressors.load_compressors(half, tiny_cfg)
+    w, w16 = np.asarray(params["convs"][0]["w"]), loaded["convs"][0]["w"]
+    assert w16.dtype == np.float32 and not np.array_equal(w16, w)
+    np.testing.assert_allclose(w16, w, rtol=1e-3, atol=1e-4)
+    assert half.stat().st_size < 0.6 * path.stat().st_size
     other = CompressionConfig(policy="lococo", cache_size=32, chunk_size=8, kernel_size=5)
     bad = policies.init_params(jax.random.PRNGKey(0), tiny_cfg, other)
     path = compressors.save_compressors(tmp_path / "bad.safetensors", bad, ccfg)
