@@ -257,6 +257,10 @@ class CompressionConfig:
     expand: int = 1
     activation: str = "relu"
     normalizer_init: float = 0.5
+    # Conv weight init: "normal" is N(0, 1) as the official code; "fan_in" is N(0, 1/(in*k)).
+    # With N(0, 1) the conv logits have a std of ~50 on SmolLM2's keys/values, so the softmax
+    # over positions is nearly one-hot (mean max weight 0.95): a pointer more than a blend.
+    conv_init: str = "normal"
     # Use the learned normaliser a clipped to [0, 1], so W = a A + (1 - a) R stays a convex
     # mixture. Unclipped (the official arithmetic), a < 0 gives W negative entries: each fused
     # slot extrapolates past its anchor, and since fused slots are re-fused at every later
@@ -317,6 +321,11 @@ class CompressionConfig:
                 0.0 <= self.normalizer_init <= 1.0,
                 "normalizer_init",
                 f"must be in [0, 1], got {self.normalizer_init}",
+            )
+            _check(
+                self.conv_init in ("normal", "fan_in"),
+                "conv_init",
+                f"must be 'normal' or 'fan_in', got {self.conv_init!r}",
             )
         _check(self.fusion_impl in FUSION_IMPLS, "fusion_impl", f"not in {FUSION_IMPLS}")
         _check(

@@ -91,6 +91,7 @@ class TrainConfig:
     expand: int = 1
     activation: str = "relu"
     normalizer_init: float = 0.5
+    conv_init: str = "normal"
     fusion_impl: str = "auto"
     # Start the compressors from this safetensors file (compressors.save_compressors format)
     # instead of a random init: continued calibration with a fresh schedule. A fresh run only;

@@ -99,3 +99,17 @@ def test_llama2_7b_shapes_abstractly():
     )
     assert out[2].shape == (n, 1, 512)
     assert jax.tree.map(lambda a: a.shape, out[0]) == jax.tree.map(lambda a: a.shape, state)
+
+
+def test_conv_init_scales_the_conv_weights():
+    cfg = LlamaConfig.from_hf_config(LLAMA2_7B)
+    std = {}
+    for init in ("normal", "fan_in"):
+        ccfg = CompressionConfig(policy="lococo", cache_size=64, chunk_size=64, conv_init=init)
+        w = policies.init_params(jax.random.PRNGKey(0), cfg, ccfg)["convs"][0]["w"][:1]
+        std[init] = float(np.std(np.asarray(w)))
+    assert abs(std["normal"] - 1.0) < 0.02
+    fan_in = 2 * cfg.head_dim * 21  # in channels (K and V) * kernel_size
+    assert abs(std["fan_in"] * np.sqrt(fan_in) - 1.0) < 0.02
+    with pytest.raises(ConfigError, match="'conv_init'.*'xavier'"):
+        CompressionConfig(policy="lococo", conv_init="xavier")

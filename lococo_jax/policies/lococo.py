@@ -43,8 +43,8 @@ def conv_channels(cfg: LlamaConfig, ccfg: CompressionConfig) -> list[tuple[int, 
 
 def init_params(key: jax.Array, cfg: LlamaConfig, ccfg: CompressionConfig) -> dict[str, Any]:
     """One compressor per layer, stacked on L: convs[i].w [L, k, in, out] ~ N(0, 1) (as the
-    official code), convs[i].b [L, out] ~ U(+-1/sqrt(in*k)) (torch Conv1d's default),
-    normalizer [L] = normalizer_init."""
+    official code; N(0, 1/(in*k)) with conv_init "fan_in"), convs[i].b [L, out] ~
+    U(+-1/sqrt(in*k)) (torch Conv1d's default), normalizer [L] = normalizer_init."""
     L, k = cfg.num_hidden_layers, ccfg.kernel_size
     convs = []
     for cin, cout in conv_channels(cfg, ccfg):
@@ -52,7 +52,8 @@ def init_params(key: jax.Array, cfg: LlamaConfig, ccfg: CompressionConfig) -> di
         bound = 1.0 / math.sqrt(cin * k)
         convs.append(
             {
-                "w": jax.random.normal(kw, (L, k, cin, cout), jnp.float32),
+                "w": jax.random.normal(kw, (L, k, cin, cout), jnp.float32)
+                * (bound if ccfg.conv_init == "fan_in" else 1.0),
                 "b": jax.random.uniform(kb, (L, cout), jnp.float32, -bound, bound),
             }
         )
