@@ -120,7 +120,7 @@ def main() -> None:
     lines.append("|---" * (7 + len(lengths)) + "|")
     for r in done["rows"]:
         c = r["compression_config"]
-        name = Path(r["file"]).name if r["file"] else "random init"
+        name = r["file"] or "random init"
         vals = " | ".join(f"{r['ppl'].get(str(L), float('nan')):.2f}" for L in lengths)
         lines.append(
             f"| {r['label']} | {name} | {c['hh_keep_rate']} | {c['local_len']} | "

@@ -62,6 +62,7 @@ def save_compressors(
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the file private to its writer
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -148,3 +149,32 @@ def with_policy_params(
             f"{trained.chunk_size}, not {ccfg.cache_size}/{ccfg.chunk_size}"
         )
     return dict(params, lococo=sub), trained, True
+
+
+def resave(src: str | Path, dst: str | Path, conv_dtype: str = "float16") -> Path:
+    """Copy a compressor file with its conv weights stored as ``conv_dtype`` (metadata kept;
+    provenance notes the storage). How the committed files were made from training exports."""
+    with safe_open(str(src), framework="numpy") as f:
+        md = dict(f.metadata() or {})
+    if "compression_config" not in md:
+        raise ValueError(f"{src}: no 'compression_config' metadata; not a compressor file")
+    tensors = load_file(str(src))
+    n = sum(1 for k in tensors if k.startswith("convs.") and k.endswith(".w"))
+    params = {
+        "convs": [{"w": tensors[f"convs.{i}.w"], "b": tensors[f"convs.{i}.b"]} for i in range(n)],
+        "normalizer": tensors["normalizer"],
+    }
+    meta = dict(json.loads(md.get("meta", "{}")), storage=f"conv weights {conv_dtype}")
+    ccfg = CompressionConfig(**json.loads(md["compression_config"]))
+    return save_compressors(dst, params, ccfg, meta, conv_dtype=conv_dtype)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Re-save a compressor file (e.g. a training export).")
+    ap.add_argument("src")
+    ap.add_argument("dst")
+    ap.add_argument("--conv-dtype", default="float16", choices=["float16", "float32"])
+    args = ap.parse_args()
+    print(resave(args.src, args.dst, args.conv_dtype))

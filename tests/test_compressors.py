@@ -33,6 +33,11 @@ def test_round_trip_and_shape_errors(tiny_cfg, tmp_path):
     assert w16.dtype == np.float32 and not np.array_equal(w16, w)
     np.testing.assert_allclose(w16, w, rtol=1e-3, atol=1e-4)
     assert half.stat().st_size < 0.6 * path.stat().st_size
+    again = compressors.resave(path, tmp_path / "r.safetensors")  # what made the assets
+    loaded_again, ccfg3, meta3 = compressors.load_compressors(again, tiny_cfg)
+    assert ccfg3 == ccfg and meta3 == {"note": "x", "storage": "conv weights float16"}
+    np.testing.assert_array_equal(loaded_again["convs"][0]["w"], w16)
+    assert again.stat().st_mode & 0o777 == 0o644
     other = CompressionConfig(policy="lococo", cache_size=32, chunk_size=8, kernel_size=5)
     bad = policies.init_params(jax.random.PRNGKey(0), tiny_cfg, other)
     path = compressors.save_compressors(tmp_path / "bad.safetensors", bad, ccfg)
