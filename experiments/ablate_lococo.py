@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -104,7 +103,7 @@ def main() -> None:
         row = dict(
             label=v["label"],
             file=path,
-            sha256=path and hashlib.sha256((ROOT / path).read_bytes()).hexdigest()[:16],
+            sha256=path and compressors.file_sha256(ROOT / path),
             compression_config=dataclasses.asdict(ccfg),
             a_mean=float(a.mean()),
             seconds=time.perf_counter() - t0,

@@ -63,13 +63,8 @@ def main() -> None:
     cfg, params, tok = load_default_model()
     out = Path(args.out)
     done = json.loads(out.read_text()) if out.exists() else {"cells": []}
-    # A lococo cell is reused only while the committed weights it was measured with are.
     B = args.chunk_size
-    done["cells"] = [
-        c
-        for c in done["cells"]
-        if c.get("compressors") == compressors.provenance(c["policy"], c["cache_size"], B)
-    ]
+    done["cells"] = [c for c in done["cells"] if compressors.is_current(c, B)]
     have = {(c["policy"], c["cache_size"], c["length"]) for c in done["cells"]}
     done.update(
         device=jax.devices()[0].device_kind,

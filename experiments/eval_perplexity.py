@@ -97,13 +97,8 @@ def main() -> None:
     ids = ids[:Lmax]
     out = Path(args.out)
     done = json.loads(out.read_text()) if out.exists() else {"cells": []}
-    # A lococo cell is reused only while the committed weights it was measured with are.
     B = args.chunk_size
-    done["cells"] = [
-        c
-        for c in done["cells"]
-        if c.get("compressors") == compressors.provenance(c["policy"], c["cache_size"], B)
-    ]
+    done["cells"] = [c for c in done["cells"] if compressors.is_current(c, B)]
     have = {cell_key(c["policy"], c["cache_size"], c["rope"]) for c in done["cells"]}
     done.update(
         text=Path(args.text).name,
@@ -136,7 +131,7 @@ def main() -> None:
                     "cache_size": M,
                     "rope": rope,
                     "trained": trained,
-                    "compressors": compressors.provenance(policy, M, args.chunk_size),
+                    "compressors": compressors.provenance(policy, M, B),
                     "compression_config": dataclasses.asdict(ccfg),
                     "seconds": time.perf_counter() - t0,
                     "tokens_per_s": Lmax / (time.perf_counter() - t0),

@@ -113,14 +113,23 @@ def default_compressors(cache_size: int, chunk_size: int = 128) -> Path | None:
     return p if p.is_file() else None
 
 
+def file_sha256(path: str | Path) -> str:
+    """The first 16 hex digits of the file's sha256: names the weights behind a result."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 def provenance(policy: str, cache_size: int, chunk_size: int) -> dict[str, str] | None:
-    """Which committed weights a result at (policy, M, B) comes from: {"file", "sha256" (first
-    16 hex digits)}; None where no weights are involved (other policies, or a random init).
-    Evaluation scripts store it with each result and recompute results whose weights changed."""
+    """Which committed weights a result at (policy, M, B) comes from: {"file", "sha256"}; None
+    where no weights are involved (other policies, or a random init)."""
     path = default_compressors(cache_size, chunk_size) if policy == "lococo" else None
-    if path is None:
-        return None
-    return {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
+    return None if path is None else {"file": path.name, "sha256": file_sha256(path)}
+
+
+def is_current(result: dict[str, Any], chunk_size: int) -> bool:
+    """Whether a stored result (with "policy", "cache_size" and the "compressors" provenance it
+    was measured with) still describes the committed weights; evaluation scripts redo it if not."""
+    now = provenance(result["policy"], result["cache_size"], chunk_size)
+    return result.get("compressors") == now
 
 
 def with_policy_params(
@@ -159,13 +168,15 @@ def resave(src: str | Path, dst: str | Path, conv_dtype: str = "float16") -> Pat
     if "compression_config" not in md:
         raise ValueError(f"{src}: no 'compression_config' metadata; not a compressor file")
     tensors = load_file(str(src))
-    n = sum(1 for k in tensors if k.startswith("convs.") and k.endswith(".w"))
+    ccfg = CompressionConfig(**json.loads(md["compression_config"]))
     params = {
-        "convs": [{"w": tensors[f"convs.{i}.w"], "b": tensors[f"convs.{i}.b"]} for i in range(n)],
+        "convs": [
+            {"w": tensors[f"convs.{i}.w"], "b": tensors[f"convs.{i}.b"]}
+            for i in range(ccfg.n_convlayer)
+        ],
         "normalizer": tensors["normalizer"],
     }
     meta = dict(json.loads(md.get("meta", "{}")), storage=f"conv weights {conv_dtype}")
-    ccfg = CompressionConfig(**json.loads(md["compression_config"]))
     return save_compressors(dst, params, ccfg, meta, conv_dtype=conv_dtype)
 
 

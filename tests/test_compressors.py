@@ -61,9 +61,13 @@ def test_provenance_follows_the_committed_file(tiny_cfg, tmp_path, monkeypatch):
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16],
     }
     assert compressors.provenance("h2o", 16, 8) is None
+    result = {"policy": "lococo", "cache_size": 16, "compressors": first}
+    assert compressors.is_current(result, 8)
+    assert compressors.is_current({"policy": "h2o", "cache_size": 16}, 8)
     params["normalizer"] = params["normalizer"] + 0.1  # new weights: results must be redone
     compressors.save_compressors(path, params, ccfg)
     assert compressors.provenance("lococo", 16, 8)["sha256"] != first["sha256"]
+    assert not compressors.is_current(result, 8)
 
 
 @pytest.mark.slow
