@@ -293,16 +293,18 @@ def rope_factor(tcfg: TrainConfig, cfg: LlamaConfig) -> float:
 
 def load_init_compressors(tcfg: TrainConfig, cfg: LlamaConfig) -> dict[str, Any] | None:
     """The compressors named by ``init_compressors`` (None if unset), checked against the run's
-    compression config: the fields that shape the conv must match."""
+    compression config: the fields that shape the conv, and its activation, must match."""
     if tcfg.init_compressors is None:
         return None
     path = tcfg.init_compressors
+    if tcfg.policy != "lococo":
+        raise ConfigError(f"config field 'init_compressors': policy {tcfg.policy!r} has none")
     params, saved, _ = compressors.load_compressors(path, cfg)
     ccfg = tcfg.compression()
-    shape_fields = ("cache_size", "chunk_size", "hh_keep_rate", "kernel_size", "n_convlayer")
+    fields = "cache_size chunk_size hh_keep_rate kernel_size n_convlayer expand activation"
     diff = [
         f"{f}: {getattr(saved, f)} in the file, {getattr(ccfg, f)} in the config"
-        for f in shape_fields + ("expand", "activation")
+        for f in fields.split()
         if getattr(saved, f) != getattr(ccfg, f)
     ]
     if diff:

@@ -186,6 +186,8 @@ def test_init_compressors_starts_from_the_file(tmp_path, monkeypatch):
 
     with pytest.raises(ConfigError, match=r"init_compressors.*kernel_size: 3 in the file, 5"):
         train.build(tiny(tmp_path, init_compressors=str(path), kernel_size=5))
+    with pytest.raises(ConfigError, match=r"init_compressors.*policy 'h2o' has none"):
+        train.build(tiny(tmp_path, init_compressors=str(path), policy="h2o"))
     monkeypatch.setattr(train, "load_model", lambda tcfg: pytest.fail("model loaded first"))
     with pytest.raises(ConfigError, match=r"'init_compressors': no such file: .*nope"):
         train.build(tiny(tmp_path, init_compressors=str(tmp_path / "nope")))
