@@ -98,7 +98,7 @@ def main() -> None:
             continue
         p, ccfg, path = build(params, cfg, M, B, v)
         t0 = time.perf_counter()
-        nll = np.cumsum(evaluate.nll_per_token(p, ids, cfg, ccfg, progress=True, desc=v["label"]))
+        nll = evaluate.nll_per_token(p, ids, cfg, ccfg, progress=True, desc=v["label"])
         a = np.clip(np.asarray(p["lococo"]["normalizer"]), 0.0, 1.0)
         row = dict(
             label=v["label"],
@@ -107,7 +107,7 @@ def main() -> None:
             compression_config=dataclasses.asdict(ccfg),
             a_mean=float(a.mean()),
             seconds=time.perf_counter() - t0,
-            ppl={str(L): float(np.exp(nll[L - 2] / (L - 1))) for L in lengths},
+            ppl=evaluate.prefix_perplexities(nll, lengths),
         )
         done["rows"].append(row)
         have.add(v["label"])

@@ -125,7 +125,6 @@ def main() -> None:
                 p, ccfg, trained = compressors.with_policy_params(params, cfg, ccfg)
                 t0 = time.perf_counter()
                 res = evaluate.nll_per_token(p, ids, cfg, ccfg, progress=True, desc=key)
-                csum = np.cumsum(res)
                 cell = {
                     "policy": policy,
                     "cache_size": M,
@@ -135,7 +134,7 @@ def main() -> None:
                     "compression_config": dataclasses.asdict(ccfg),
                     "seconds": time.perf_counter() - t0,
                     "tokens_per_s": Lmax / (time.perf_counter() - t0),
-                    "ppl": {str(L): float(np.exp(csum[L - 2] / (L - 1))) for L in args.lengths},
+                    "ppl": evaluate.prefix_perplexities(res, args.lengths),
                 }
                 done["cells"].append(cell)
                 have.add(key)

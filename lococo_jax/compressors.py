@@ -73,27 +73,12 @@ def save_compressors(
 def load_compressors(
     path: str | Path, cfg: LlamaConfig
 ) -> tuple[dict[str, Any], CompressionConfig, dict[str, Any]]:
-    """-> (lococo params, the CompressionConfig they were trained with, provenance)."""
+    """-> (lococo params (float32), the CompressionConfig they were trained with, provenance)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"compressor weights not found: {path}")
-    with safe_open(str(path), framework="numpy") as f:
-        md = f.metadata() or {}
-    if "compression_config" not in md:
-        raise ValueError(f"{path}: no 'compression_config' metadata; not a compressor file")
-    ccfg = CompressionConfig(**json.loads(md["compression_config"]))
-    tensors = load_file(str(path))
-    n = ccfg.n_convlayer
-    params = {
-        "convs": [
-            {
-                "w": jnp.asarray(tensors[f"convs.{i}.w"], jnp.float32),
-                "b": jnp.asarray(tensors[f"convs.{i}.b"], jnp.float32),
-            }
-            for i in range(n)
-        ],
-        "normalizer": jnp.asarray(tensors["normalizer"]),
-    }
+    stored, ccfg, meta = _read(path)
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), stored)
     expected = jax.eval_shape(lambda: lococo.init_params(jax.random.PRNGKey(0), cfg, ccfg))
     for (kp, got), want in zip(
         jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(expected), strict=True
@@ -104,6 +89,24 @@ def load_compressors(
                 f"(layers={cfg.num_hidden_layers}, head_dim={cfg.head_dim}) with this "
                 f"compression config expects {want.shape}"
             )
+    return params, ccfg, meta
+
+
+def _read(path: str | Path) -> tuple[dict[str, Any], CompressionConfig, dict[str, Any]]:
+    """-> (the stored numpy tensors as a lococo params tree, CompressionConfig, provenance)."""
+    with safe_open(str(path), framework="numpy") as f:
+        md = f.metadata() or {}
+    if "compression_config" not in md:
+        raise ValueError(f"{path}: no 'compression_config' metadata; not a compressor file")
+    ccfg = CompressionConfig(**json.loads(md["compression_config"]))
+    tensors = load_file(str(path))
+    params = {
+        "convs": [
+            {"w": tensors[f"convs.{i}.w"], "b": tensors[f"convs.{i}.b"]}
+            for i in range(ccfg.n_convlayer)
+        ],
+        "normalizer": tensors["normalizer"],
+    }
     return params, ccfg, json.loads(md.get("meta", "{}"))
 
 
@@ -163,20 +166,8 @@ def with_policy_params(
 def resave(src: str | Path, dst: str | Path, conv_dtype: str = "float16") -> Path:
     """Copy a compressor file with its conv weights stored as ``conv_dtype`` (metadata kept;
     provenance notes the storage). How the committed files were made from training exports."""
-    with safe_open(str(src), framework="numpy") as f:
-        md = dict(f.metadata() or {})
-    if "compression_config" not in md:
-        raise ValueError(f"{src}: no 'compression_config' metadata; not a compressor file")
-    tensors = load_file(str(src))
-    ccfg = CompressionConfig(**json.loads(md["compression_config"]))
-    params = {
-        "convs": [
-            {"w": tensors[f"convs.{i}.w"], "b": tensors[f"convs.{i}.b"]}
-            for i in range(ccfg.n_convlayer)
-        ],
-        "normalizer": tensors["normalizer"],
-    }
-    meta = dict(json.loads(md.get("meta", "{}")), storage=f"conv weights {conv_dtype}")
+    params, ccfg, meta = _read(src)
+    meta = dict(meta, storage=f"conv weights {conv_dtype}")
     return save_compressors(dst, params, ccfg, meta, conv_dtype=conv_dtype)
 
 

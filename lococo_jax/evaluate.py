@@ -47,6 +47,13 @@ def nll_per_token(
     return res.out[0, :-1]
 
 
+def prefix_perplexities(nll: np.ndarray, lengths: list[int]) -> dict[str, float]:
+    """nll [L - 1] (nll_per_token) -> {str(n): perplexity of the first n tokens} for each n in
+    ``lengths`` (n <= L): one causal read gives every prefix."""
+    csum = np.cumsum(nll)
+    return {str(n): float(np.exp(csum[n - 2] / (n - 1))) for n in lengths}
+
+
 def perplexity(
     params: dict[str, Any],
     tokens: np.ndarray,

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lococo_jax import generate, llama, longctx, policies
+from lococo_jax import evaluate, generate, llama, longctx, policies
 from lococo_jax.config import CompressionConfig
 from lococo_jax.kv_state import init_state
 
@@ -292,3 +292,12 @@ def test_bad_inputs_raise_clear_errors(tiny_cfg, tiny_params):
     with pytest.raises(ValueError, match="params\\['lococo'\\]"):
         lc = CompressionConfig(policy="lococo", cache_size=16, chunk_size=8, kernel_size=3)
         longctx.run_long(tiny_params, np.ones((1, 20), int), tiny_cfg, lc)
+
+
+def test_prefix_perplexities_match_a_loop():
+    nll = np.random.RandomState(0).uniform(0.5, 4.0, 99)  # NLL of tokens 2..100
+    got = evaluate.prefix_perplexities(nll, [2, 10, 100])
+    want = {str(n): float(np.exp(sum(nll[: n - 1]) / (n - 1))) for n in (2, 10, 100)}
+    assert got.keys() == want.keys()
+    for n in want:
+        assert abs(got[n] - want[n]) < 1e-9 * want[n], n
