@@ -28,7 +28,7 @@ import numpy as np
 
 from lococo_jax import compressors, evaluate, policies
 from lococo_jax.config import CompressionConfig
-from lococo_jax.models import load_default_model
+from lococo_jax.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -84,7 +84,7 @@ def main() -> None:
     variants = [parse_variant(s) for s in args.variant]
     out = Path(args.out or RESULTS / f"ablation_m{M}.json")
 
-    cfg, params, tok = load_default_model()
+    cfg, params, tok = load_model("smollm2")
     ids = np.asarray(
         tok.encode(Path(args.text).read_text(encoding="utf-8"), add_special_tokens=False), np.int32
     )[:Lmax]

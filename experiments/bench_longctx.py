@@ -29,9 +29,9 @@ def worker(args: argparse.Namespace) -> dict:
 
     from lococo_jax import longctx, policies
     from lococo_jax.config import CompressionConfig
-    from lococo_jax.models import load_default_model
+    from lococo_jax.models import load_model
 
-    cfg, params, tok = load_default_model()
+    cfg, params, tok = load_model("smollm2")
     text = (Path(args.text)).read_text(encoding="utf-8")
     ids = np.asarray(tok.encode(text, add_special_tokens=False), np.int32)
     L = args.length

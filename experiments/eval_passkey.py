@@ -18,7 +18,7 @@ import jax
 
 from lococo_jax import compressors, evaluate
 from lococo_jax.config import CompressionConfig
-from lococo_jax.models import load_default_model
+from lococo_jax.models import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "passkey.json"))
     args = ap.parse_args()
 
-    cfg, params, tok = load_default_model()
+    cfg, params, tok = load_model("smollm2")
     out = Path(args.out)
     done = json.loads(out.read_text()) if out.exists() else {"cells": []}
     B = args.chunk_size

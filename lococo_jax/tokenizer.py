@@ -1,4 +1,5 @@
-"""Tokenizers from local files only: an HF folder, a converted directory, or a .gguf file."""
+"""Tokenizers from local files only (an HF folder, a converted directory, or a .gguf file), and
+the byte tokenizer of the tiny test model."""
 
 from __future__ import annotations
 
@@ -7,6 +8,16 @@ from typing import Any
 
 # Any of these makes a folder loadable by AutoTokenizer.
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids (vocab 256): needs no download; for tiny models and tests."""
+
+    vocab_size = 256
+    eos_token_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
 
 
 def load_tokenizer(path: str | Path) -> Any:

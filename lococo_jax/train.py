@@ -36,26 +36,17 @@ from lococo_jax import (
     compressors,
     data,
     kv_state,
-    llama,
     longctx,
     lora,
+    models,
     optim,
     policies,
     sharding,
 )
 from lococo_jax.config import CompressionConfig, ConfigError, LlamaConfig
+from lococo_jax.tokenizer import ByteTokenizer, load_tokenizer
 
-# A tiny random model for CPU runs and tests (vocab 256 = the byte tokenizer).
-TINY = LlamaConfig(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=256,
-)
+TINY = models.TINY
 # Fields that may change between a checkpoint and its resume (they do not change the maths).
 RESUMABLE_FIELDS = frozenset(
     {
@@ -266,20 +257,13 @@ class TrainConfig:
 
 
 def load_model(tcfg: TrainConfig) -> tuple[LlamaConfig, dict[str, Any], Any]:
-    """(cfg, base params, tokenizer) of tcfg.model."""
-    dtype = jnp.dtype(tcfg.param_dtype)
-    if tcfg.model == "tiny":
-        params = llama.init_params(TINY, jax.random.PRNGKey(tcfg.seed + 1), dtype, std=0.1)
-        cfg, tok = TINY, data.ByteTokenizer()
-    else:
-        from lococo_jax import cli
-
-        cfg, params, tok = cli.load_model(tcfg.model, dtype=dtype)
+    """(cfg, base params, tokenizer) of tcfg.model (models.load_model), with tcfg.tokenizer."""
+    cfg, params, tok = models.load_model(
+        tcfg.model, dtype=jnp.dtype(tcfg.param_dtype), seed=tcfg.seed
+    )
     if tcfg.tokenizer == "bytes":
-        tok = data.ByteTokenizer()
+        tok = ByteTokenizer()
     elif tcfg.tokenizer != "auto":
-        from lococo_jax.tokenizer import load_tokenizer
-
         tok = load_tokenizer(tcfg.tokenizer)
     return cfg, params, tok
 

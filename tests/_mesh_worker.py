@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 from lococo_jax import data, train  # noqa: E402
+from lococo_jax.tokenizer import ByteTokenizer  # noqa: E402
 
 MESHES = [(8, 1, 1), (2, 2, 2), (1, 4, 2)]
 
@@ -42,7 +43,7 @@ def main() -> None:
     data_file, work = sys.argv[1], sys.argv[2]
     assert jax.device_count() == 8, jax.devices()
     base = config(data_file, work, steps=4)
-    loader = data.make_loader(base.data(), data.ByteTokenizer(), base.sample_len, 8, 0)
+    loader = data.make_loader(base.data(), ByteTokenizer(), base.sample_len, 8, 0)
     batches = [loader.next(), loader.next()]
     devs = jax.devices()
     ref_losses, ref_params, _ = run(

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from lococo_jax import data
+from lococo_jax.tokenizer import ByteTokenizer
 
 TEXT = Path(__file__).resolve().parent / "data" / "austen_sample.txt"
 
@@ -33,7 +34,7 @@ def test_local_tfds_build_and_read(docs):
 
 def test_pack_exact_lengths(docs):
     _, texts = docs
-    tok = data.ByteTokenizer()
+    tok = ByteTokenizer()
     stream = [t for d in texts for t in tok.encode(d)]
     samples = data.pack(texts, tok, 32)
     assert samples.shape == ((len(stream) - 1) // 32, 33) and samples.dtype == np.int32
@@ -49,7 +50,7 @@ def _take(loader, n):
 
 def test_seeded_order_and_resume(docs):
     _, texts = docs
-    samples = data.pack(texts, data.ByteTokenizer(), 64)[:30]  # 7 batches an epoch
+    samples = data.pack(texts, ByteTokenizer(), 64)[:30]  # 7 batches an epoch
     a = _take(data.Loader(samples, 4, seed=1), 12)
     b = _take(data.Loader(samples, 4, seed=1), 12)
     c = _take(data.Loader(samples, 4, seed=2), 12)
@@ -92,7 +93,7 @@ def test_text_key_mismatch_names_dataset_key_and_features(docs):
 
 def test_loader_rows_split_the_global_batch(docs):
     _, texts = docs
-    samples = data.pack(texts, data.ByteTokenizer(), 64)[:30]
+    samples = data.pack(texts, ByteTokenizer(), 64)[:30]
     full = _take(data.Loader(samples, 4, seed=3), 9)
     halves = [_take(data.Loader(samples, 4, seed=3, rows=np.array(r)), 9) for r in ([0, 1], [2, 3])]
     for f, a, b in zip(full, *halves, strict=True):
