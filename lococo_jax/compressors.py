@@ -98,7 +98,7 @@ def _read(path: str | Path) -> tuple[dict[str, Any], CompressionConfig, dict[str
         md = f.metadata() or {}
     if "compression_config" not in md:
         raise ValueError(f"{path}: no 'compression_config' metadata; not a compressor file")
-    ccfg = CompressionConfig(**json.loads(md["compression_config"]))
+    ccfg = CompressionConfig.from_dict(json.loads(md["compression_config"]), source=str(path))
     tensors = load_file(str(path))
     params = {
         "convs": [

@@ -16,6 +16,7 @@ ROPE_TYPES = ("linear", "llama3")
 POLICIES = ("full", "streaming", "h2o", "tova", "lococo")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "identity")
 FUSION_IMPLS = ("auto", "pallas", "reference")
+NORMALIZERS = ("sigmoid", "clip", "official")
 
 
 class ConfigError(ValueError):
@@ -261,12 +262,17 @@ class CompressionConfig:
     # With N(0, 1) the conv logits have a std of ~50 on SmolLM2's keys/values, so the softmax
     # over positions is nearly one-hot (mean max weight 0.95): a pointer more than a blend.
     conv_init: str = "normal"
-    # Use the learned normaliser a clipped to [0, 1], so W = a A + (1 - a) R stays a convex
-    # mixture. Unclipped (the official arithmetic), a < 0 gives W negative entries: each fused
-    # slot extrapolates past its anchor, and since fused slots are re-fused at every later
-    # compression the overshoot compounds (calibrated SmolLM2 at M=64 with a < 0 in 12 of 30
-    # layers: held-out perplexity 23.8 at 4K, 138 at 8K).
-    clip_normalizer: bool = True
+    # How the learned normaliser a of W = a A + (1 - a) R is parametrised (NORMALIZERS):
+    # "sigmoid": the stored parameter is logit(a); a = sigmoid(param) stays in (0, 1) and its
+    #   gradient never vanishes at a bound (the training default).
+    # "clip": the stored parameter is a, used clipped to [0, 1]; jnp.clip has zero gradient
+    #   outside, so a layer whose a left [0, 1] stops training its conv. Kept to read files
+    #   trained before "sigmoid" existed (they say clip_normalizer: true).
+    # "official": the stored parameter is a, used as is (the official arithmetic). With a < 0, W
+    #   has negative entries: each fused slot extrapolates past its anchor, and since fused slots
+    #   are re-fused at every later compression the overshoot compounds (calibrated SmolLM2 at
+    #   M=64 with a < 0 in 12 of 30 layers: held-out perplexity 23.8 at 4K, 138 at 8K).
+    normalizer: str = "sigmoid"
     fusion_impl: str = "auto"
 
     def __post_init__(self):
@@ -318,9 +324,16 @@ class CompressionConfig:
             _check(self.expand >= 1, "expand", f"must be >= 1, got {self.expand}")
             _check(self.activation in ACTIVATIONS, "activation", f"not in {ACTIVATIONS}")
             _check(
-                0.0 <= self.normalizer_init <= 1.0,
+                self.normalizer in NORMALIZERS,
+                "normalizer",
+                f"{self.normalizer!r} not in {NORMALIZERS}",
+            )
+            lo_hi = (0.0, 1.0) if self.normalizer != "sigmoid" else (1e-6, 1.0 - 1e-6)
+            _check(
+                lo_hi[0] <= self.normalizer_init <= lo_hi[1],
                 "normalizer_init",
-                f"must be in [0, 1], got {self.normalizer_init}",
+                f"must be in [{lo_hi[0]}, {lo_hi[1]}] with normalizer {self.normalizer!r}, "
+                f"got {self.normalizer_init}",
             )
             _check(
                 self.conv_init in ("normal", "fan_in"),
@@ -333,6 +346,20 @@ class CompressionConfig:
             "fusion_impl",
             "the Pallas kernel fuses one conv layer; n_convlayer > 1 needs 'reference' or 'auto'",
         )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str | None = None) -> CompressionConfig:
+        """From a saved dict (a compressor file's metadata): unknown keys are an error naming
+        ``source``; the legacy ``clip_normalizer`` (true: "clip", false: "official") becomes
+        ``normalizer``."""
+        d = dict(d)
+        if "clip_normalizer" in d:
+            legacy = d.pop("clip_normalizer")
+            d.setdefault("normalizer", "clip" if legacy else "official")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        _check(not unknown, str(unknown), "unknown compression config field(s)", source)
+        return cls(**d)
 
     @property
     def recent(self) -> int:

@@ -240,7 +240,11 @@ def test_normalizer_is_clipped_to_a_convex_mixture():
     out = {}
     for clip in (True, False):
         ccfg = CompressionConfig(
-            policy="lococo", cache_size=M, chunk_size=B, kernel_size=3, clip_normalizer=clip
+            policy="lococo",
+            cache_size=M,
+            chunk_size=B,
+            kernel_size=3,
+            normalizer="clip" if clip else "official",
         )
         layer = jax.tree.map(
             lambda x: x[0], lococo.init_params(jax.random.PRNGKey(1), _cfg(d), ccfg)

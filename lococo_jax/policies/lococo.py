@@ -8,7 +8,8 @@ attention this chunk's queries paid to each entry):
   3. the other N = S - keep entries in original order ("rest"), with scores s';
   4. R [C, N]: row j one-hot at the j-th (by position) of the C top-scored rest entries;
   5. A = softmax_N(act(conv(concat(K_rest, V_rest))))  [C, N];
-  6. W = a A + (1 - a) R (a clipped to [0, 1] unless ccfg.clip_normalizer is False);
+  6. W = a A + (1 - a) R, a = mixing_weight(ccfg, params["normalizer"]) (see
+     CompressionConfig.normalizer: sigmoid of a free parameter, clipped, or official);
   7. new slots = [heavy hitters ; W K_rest, W V_rest].
 Steps 5 and the products A K, A V are kernels.lococo_fusion.conv_softmax_mix (Pallas or its
 jnp reference); the one-hot residual is a gather, never a dense matrix.
@@ -44,7 +45,8 @@ def conv_channels(cfg: LlamaConfig, ccfg: CompressionConfig) -> list[tuple[int, 
 def init_params(key: jax.Array, cfg: LlamaConfig, ccfg: CompressionConfig) -> dict[str, Any]:
     """One compressor per layer, stacked on L: convs[i].w [L, k, in, out] ~ N(0, 1) (as the
     official code; N(0, 1/(in*k)) with conv_init "fan_in"), convs[i].b [L, out] ~
-    U(+-1/sqrt(in*k)) (torch Conv1d's default), normalizer [L] = normalizer_init."""
+    U(+-1/sqrt(in*k)) (torch Conv1d's default), normalizer [L] = the parameter that gives
+    a = normalizer_init (normalizer_param)."""
     L, k = cfg.num_hidden_layers, ccfg.kernel_size
     convs = []
     for cin, cout in conv_channels(cfg, ccfg):
@@ -57,7 +59,26 @@ def init_params(key: jax.Array, cfg: LlamaConfig, ccfg: CompressionConfig) -> di
                 "b": jax.random.uniform(kb, (L, cout), jnp.float32, -bound, bound),
             }
         )
-    return {"convs": convs, "normalizer": jnp.full((L,), ccfg.normalizer_init, jnp.float32)}
+    a0 = jnp.full((L,), ccfg.normalizer_init, jnp.float32)
+    return {"convs": convs, "normalizer": normalizer_param(ccfg, a0)}
+
+
+def mixing_weight(ccfg: CompressionConfig, param: jax.Array) -> jax.Array:
+    """The a of W = a A + (1 - a) R from its stored parameter (any shape)."""
+    if ccfg.normalizer == "sigmoid":
+        return jax.nn.sigmoid(param)
+    if ccfg.normalizer == "clip":
+        return jnp.clip(param, 0.0, 1.0)
+    return param
+
+
+def normalizer_param(ccfg: CompressionConfig, a: jax.Array) -> jax.Array:
+    """The stored parameter that gives mixing weight a (the inverse of mixing_weight on [0, 1];
+    a is clipped to (1e-6, 1 - 1e-6) for the sigmoid)."""
+    if ccfg.normalizer == "sigmoid":
+        a = jnp.clip(a, 1e-6, 1.0 - 1e-6)
+        return jnp.log(a) - jnp.log1p(-a)
+    return a
 
 
 def compress(ccfg: CompressionConfig, params: dict[str, Any], e: Entries) -> Slots:
@@ -88,9 +109,7 @@ def compress(ccfg: CompressionConfig, params: dict[str, Any], e: Entries) -> Slo
         activation=ccfg.activation,
         impl=ccfg.fusion_impl,  # 'auto': Pallas on GPU/TPU for one conv layer
     )
-    a = params["normalizer"]
-    if ccfg.clip_normalizer:  # see CompressionConfig.clip_normalizer
-        a = jnp.clip(a, 0.0, 1.0)
+    a = mixing_weight(ccfg, params["normalizer"])
     fused_k = a * ak.reshape(b, h, C, d).astype(jnp.float32) + (1 - a) * take(k_rest, anchor)
     fused_v = a * av.reshape(b, h, C, d).astype(jnp.float32) + (1 - a) * take(v_rest, anchor)
 
