@@ -65,7 +65,7 @@ def _step_info(state: KVState, n_new: jax.Array, T: int) -> StepInfo:
     )
 
 
-def _entries(ls: dict[str, jax.Array], g: StepInfo) -> Entries:
+def _entries(ls: dict[str, jax.Array], g: StepInfo, obs: jax.Array | None = None) -> Entries:
     """Slots + window of one layer, compacted so the valid entries come first (in order)."""
     M, W = ls["k"].shape[2], ls["win_k"].shape[2]
     b, kv = ls["k"].shape[:2]
@@ -93,6 +93,7 @@ def _entries(ls: dict[str, jax.Array], g: StepInfo) -> Entries:
         chunk=take(ls["win_score"], horder),
         last=jnp.take_along_axis(ls["last_score"], order, axis=-1),
         n_valid=n_valid,
+        obs=None if obs is None else take(obs, horder),
     )
 
 
@@ -120,12 +121,12 @@ def _append(ls: dict[str, jax.Array], g: StepInfo) -> Slots:
     )
 
 
-def _compress(ccfg: CompressionConfig, cp: Any, ls, g: StepInfo) -> Slots:
+def _compress(ccfg: CompressionConfig, cp: Any, ls, g: StepInfo, obs=None) -> Slots:
     """The next M slots: the valid entries while they fit, else the policy's choice (per row)."""
     fill = _append(ls, g)
     if ccfg.policy == "full":
         return fill
-    e = _entries(ls, g)
+    e = _entries(ls, g, obs)
     out = policies.get(ccfg.policy)(ccfg, cp, e)
     b = e.n_valid.shape[0]
     fits = e.n_valid <= ccfg.cache_size
@@ -134,6 +135,15 @@ def _compress(ccfg: CompressionConfig, cp: Any, ls, g: StepInfo) -> Slots:
         return jnp.where(fits.reshape((b,) + (1,) * (f.ndim - 1)), f, o)
 
     return Slots(*(pick(f, o) for f, o in zip(fill, out, strict=True)))
+
+
+def _snapkv_obs(ccfg: CompressionConfig, probs: jax.Array, g: StepInfo) -> jax.Array:
+    """SnapKV's observation window: attention of the last snapkv_window valid queries of this
+    call, summed over them and the group heads. probs [b, kv, group, T, S] -> [b, kv, S].
+    A prefill chunk holds all of them; a decode call that compresses holds only its own query."""
+    t = jnp.arange(probs.shape[3])[None, :]
+    in_win = (t < g.n_new[:, None]) & (t >= g.n_new[:, None] - ccfg.snapkv_window)  # [b, T]
+    return jnp.where(in_win[:, None, None, :, None], probs, 0.0).sum(axis=(2, 3))
 
 
 def _layer(
@@ -170,11 +180,12 @@ def _layer(
     last_t = jnp.maximum(g.n_new - 1, 0)
     last = jnp.take_along_axis(probs.mean(axis=(1, 2)), last_t[:, None, None], axis=1)[:, 0]
     last_score = jnp.where(g.n_new[:, None] > 0, last, ls["last_score"])
+    obs = _snapkv_obs(ccfg, probs, g) if ccfg.policy == "snapkv" else None
     x = llama.attn_out_and_mlp(cfg, lp, x, out, ll, lora_scale)
 
     new = dict(ls, win_k=win_k, win_v=win_v, win_score=win_score, last_score=last_score)
     if compress:
-        slots = _compress(ccfg, cp, jax.lax.stop_gradient(new) if truncate else new, g)
+        slots = _compress(ccfg, cp, jax.lax.stop_gradient(new) if truncate else new, g, obs)
         new.update(
             k=slots.k,
             v=slots.v,

@@ -11,7 +11,7 @@ from typing import Any
 import jax
 
 from lococo_jax.config import CompressionConfig, LlamaConfig
-from lococo_jax.policies import full, h2o, lococo, streaming, tova
+from lococo_jax.policies import full, h2o, keydiff, lococo, snapkv, streaming, tova
 from lococo_jax.policies.base import Entries, Slots
 
 CompressFn = Callable[[CompressionConfig, Any, Entries], Slots]
@@ -21,6 +21,8 @@ REGISTRY: dict[str, CompressFn] = {
     "streaming": streaming.compress,
     "h2o": h2o.compress,
     "tova": tova.compress,
+    "snapkv": snapkv.compress,
+    "keydiff": keydiff.compress,
     "lococo": lococo.compress,
 }
 

@@ -24,6 +24,11 @@ class Entries(NamedTuple):
                                               compression, summed over queries and group heads
     last     [batch, S] f32                   attention of the last query, mean over all heads
     n_valid  [batch] int32
+    obs      [batch, kv_heads, S] f32         attention paid by the last ccfg.snapkv_window
+                                              valid queries of the call that compresses (all
+                                              of them if fewer), summed over queries and group
+                                              heads: SnapKV's observation window. None where
+                                              the caller does not compute it.
     """
 
     k: jax.Array
@@ -34,6 +39,7 @@ class Entries(NamedTuple):
     chunk: jax.Array
     last: jax.Array
     n_valid: jax.Array
+    obs: jax.Array | None = None
 
 
 class Slots(NamedTuple):
