@@ -1,0 +1,132 @@
+"""Result files of the experiment scripts: every cell keyed by everything that determines it.
+
+A cell's key is the sha256 of a canonical JSON of its key fields: the text (name and sha256),
+lengths, trials, seed, model fingerprint (config and a hash of the weights), the compressor
+file's hash and every CompressionConfig field. A cell is reused only when all of them match, so
+changing any one (another text, another seed, retrained weights) redoes it instead of relabelling
+an old number. Each cell also records the command line, device and time that produced it.
+
+Where results go: ``--out FILE`` names the file (resuming it); ``--write`` writes the committed
+file under experiments/results/; otherwise each run gets a new folder experiments/runs/<stamp>/,
+so the committed results change only when asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = ROOT / "experiments" / "results"
+RUNS = ROOT / "experiments" / "runs"
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def digest(obj: Any) -> str:
+    """16 hex digits of the sha256 of obj's canonical JSON."""
+    return hashlib.sha256(_canonical(obj).encode()).hexdigest()[:16]
+
+
+def text_fingerprint(path: str | Path) -> dict[str, str]:
+    data = Path(path).read_bytes()
+    return {"name": Path(path).name, "sha256": hashlib.sha256(data).hexdigest()[:16]}
+
+
+def weights_hash(params: Any) -> str:
+    """sha256 over every leaf's path, dtype, shape and bytes (order fixed by the tree paths)."""
+    import jax
+
+    h = hashlib.sha256()
+    for path, leaf in sorted(
+        jax.tree_util.tree_flatten_with_path(params)[0], key=lambda x: jax.tree_util.keystr(x[0])
+    ):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(cfg: Any, params: Any, name: str) -> dict[str, str]:
+    """{"name", "config": digest of the architecture, "weights": hash of the base weights}.
+    Only the base model's weights (params without a "lococo" subtree) are hashed."""
+    base = {k: v for k, v in params.items() if k != "lococo"}
+    return {"name": name, "config": digest(cfg.to_hf_config()), "weights": weights_hash(base)}
+
+
+def config_fields(ccfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(ccfg)
+
+
+def provenance_now() -> dict[str, Any]:
+    """The command line, device and time to store beside a cell."""
+    import jax
+
+    return {
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv),
+        "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
+        "host_cpus": os.cpu_count(),
+        "finished": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def output_path(name: str, out: str | None, write: bool, stamp: str | None = None) -> Path:
+    """Where a script writes ``name`` (e.g. "perplexity.json"): --out, else the committed file
+    with --write, else a new run folder."""
+    if out is not None and write:
+        raise ValueError("--out and --write are exclusive")
+    if out is not None:
+        return Path(out)
+    if write:
+        return COMMITTED / name
+    stamp = stamp or _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
+    return RUNS / stamp / name
+
+
+class ResultStore:
+    """A JSON file of cells {"key": digest, "key_fields": {...}, ...values, "provenance": ...}.
+
+    Cells written before keys existed (no "key") are kept in the file but never reused."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.data: dict[str, Any] = {"cells": []}
+        if self.path.exists():
+            self.data = json.loads(self.path.read_text())
+            self.data.setdefault("cells", [])
+
+    @property
+    def cells(self) -> list[dict[str, Any]]:
+        return self.data["cells"]
+
+    def get(self, key_fields: dict[str, Any]) -> dict[str, Any] | None:
+        k = digest(key_fields)
+        for c in self.cells:
+            if c.get("key") == k:
+                return c
+        return None
+
+    def put(self, key_fields: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+        """Store (replacing a cell with the same key) and write the file atomically."""
+        k = digest(key_fields)
+        cell = {"key": k, "key_fields": key_fields, **values, "provenance": provenance_now()}
+        self.data["cells"] = [c for c in self.cells if c.get("key") != k] + [cell]
+        self.save()
+        return cell
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.path)
