@@ -578,17 +578,19 @@ def conv_softmax_mix(
       activation: one of ACTIVATIONS ("gelu" is the tanh approximation, jax.nn.gelu's default).
       impl: "pallas": the fused kernel; one conv layer only (NotImplementedError otherwise).
         "reference": conv_softmax_mix_reference. "auto": the kernel if there is exactly one
-        layer and the default backend is not CPU, else the reference (an explicit rule on
-        len(layers) and the platform, decided before anything runs).
+        layer and ``platform`` (the target's, not the host's) is not CPU, else the reference
+        (an explicit rule on len(layers) and the platform, decided before anything runs).
       block_sizes: tiles; None -> BlockSizes.for_backend().
-      interpret: run the kernel in Pallas interpret mode. None -> True on CPU, False
-        elsewhere; a pltpu.InterpretParams is passed through (strict TPU-semantics interpreter).
+      interpret: run the kernel in Pallas interpret mode. None -> True when ``platform`` is
+        CPU, False for GPU and TPU; a pltpu.InterpretParams is passed through (strict
+        TPU-semantics interpreter).
       backward: "pallas": Pallas kernel for dS and P^T dO, XLA for the conv's backward from dS
         (see _backward_pallas). "xla": jax.vjp of the reference (materialises A).
-      platform: "cpu" | "gpu" | "tpu" (also "cuda", "rocm"): the platform the kernel is built
-        for (tiles, Triton or Mosaic compiler params). None -> jax.default_backend(); another
-        value lowers for that platform from this host (jit(...).trace(...).lower(
-        lowering_platforms=...)), which is how the CPU tests check the GPU and TPU lowering.
+      platform: "cpu" | "gpu" | "tpu" (also "cuda", "rocm"): the platform of the devices the
+        computation is compiled for; it decides ``impl="auto"``, ``interpret=None``, the tiles
+        and the Triton or Mosaic compiler params. None -> jax.default_backend(), which is wrong
+        when a CPU host compiles for a TPU or GPU ahead of time: pass the target's platform
+        (lococo_jax.platforms.platform_of(mesh)); lococo_jax.fusion does.
 
     Returns:
       (out_k, out_v), each [R, C, d] in k's dtype; matmuls take k's dtype (w is cast to it) and

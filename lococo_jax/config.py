@@ -274,6 +274,10 @@ class CompressionConfig:
     #   M=64 with a < 0 in 12 of 30 layers: held-out perplexity 23.8 at 4K, 138 at 8K).
     normalizer: str = "sigmoid"
     fusion_impl: str = "auto"
+    # The platform the fusion kernel is built for ("cpu" | "gpu" | "tpu"): the target devices'
+    # (platforms.platform_of(mesh)), which a CPU host compiling ahead of time for a TPU slice
+    # must set. None: the mesh set with jax.set_mesh, else the default backend.
+    fusion_platform: str | None = None
 
     def __post_init__(self):
         _check(self.policy in POLICIES, "policy", f"{self.policy!r} not in {POLICIES}")
@@ -341,6 +345,11 @@ class CompressionConfig:
                 f"must be 'normal' or 'fan_in', got {self.conv_init!r}",
             )
         _check(self.fusion_impl in FUSION_IMPLS, "fusion_impl", f"not in {FUSION_IMPLS}")
+        _check(
+            self.fusion_platform in (None, "cpu", "gpu", "tpu"),
+            "fusion_platform",
+            f"must be 'cpu', 'gpu', 'tpu' or null, got {self.fusion_platform!r}",
+        )
         _check(
             not (self.fusion_impl == "pallas" and self.n_convlayer > 1),
             "fusion_impl",

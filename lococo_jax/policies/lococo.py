@@ -23,8 +23,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from kernels.lococo_fusion import conv_softmax_mix
 from lococo_jax.config import CompressionConfig, LlamaConfig
+from lococo_jax.fusion import fuse_rest
 from lococo_jax.policies.base import (
     Entries,
     Slots,
@@ -101,14 +101,7 @@ def compress(ccfg: CompressionConfig, params: dict[str, Any], e: Entries) -> Slo
     # Steps 5-7.
     n_rest = (e.n_valid - keep).astype(jnp.int32)
     layers = [(c["w"].astype(jnp.float32), c["b"].astype(jnp.float32)) for c in params["convs"]]
-    ak, av = conv_softmax_mix(
-        k_rest.reshape(b * h, N, d),
-        v_rest.reshape(b * h, N, d),
-        layers,
-        jnp.repeat(jnp.maximum(n_rest, 1), h),
-        activation=ccfg.activation,
-        impl=ccfg.fusion_impl,  # 'auto': Pallas on GPU/TPU for one conv layer
-    )
+    ak, av = fuse_rest(ccfg, k_rest, v_rest, layers, n_rest)  # per shard under a mesh
     a = mixing_weight(ccfg, params["normalizer"])
     fused_k = a * ak.reshape(b, h, C, d).astype(jnp.float32) + (1 - a) * take(k_rest, anchor)
     fused_v = a * av.reshape(b, h, C, d).astype(jnp.float32) + (1 - a) * take(v_rest, anchor)
