@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from lococo_jax import llama, policies
 from lococo_jax.config import CompressionConfig, LlamaConfig
@@ -30,13 +31,17 @@ class StepInfo(NamedTuple):
     """What every layer of one ``apply`` shares.
 
     positions [b, T] int32; mask [b, T, M + W] bool; qvalid [b, T] bool; n_new, filled,
-    win_valid (after this step's tokens), seen (after) [b] int32; win_len [] int32 (before)."""
+    win_start (valid window entries before this step: where each row writes its tokens),
+    win_valid (after this step's tokens), seen (after) [b] int32; win_len [] int32 (before).
+    Each row's window stays compacted: its valid entries are [0, win_valid), whatever the
+    other rows' n_new."""
 
     positions: jax.Array
     mask: jax.Array
     qvalid: jax.Array
     n_new: jax.Array
     filled: jax.Array
+    win_start: jax.Array
     win_valid: jax.Array
     win_len: jax.Array
     seen: jax.Array
@@ -50,8 +55,8 @@ def _step_info(state: KVState, n_new: jax.Array, T: int) -> StepInfo:
     slot_ok = jnp.arange(M)[None, :] < state.filled[:, None]  # [b, M]
     w = jnp.arange(W)
     win_ok = (w[None, None, :] < win_valid[:, None, None]) & (
-        w[None, None, :] <= state.win_len + t[None, :, None]
-    )  # [b, T, W]
+        w[None, None, :] <= state.win_valid[:, None, None] + t[None, :, None]
+    )  # [b, T, W]: causal inside the window, each row from its own start
     slot_ok = jnp.broadcast_to(slot_ok[:, None, :], (slot_ok.shape[0], T, M))
     return StepInfo(
         positions=positions,
@@ -59,6 +64,7 @@ def _step_info(state: KVState, n_new: jax.Array, T: int) -> StepInfo:
         qvalid=t[None, :] < n_new[:, None],
         n_new=n_new,
         filled=state.filled,
+        win_start=state.win_valid,
         win_valid=win_valid,
         win_len=state.win_len,
         seen=state.seen + n_new,
@@ -137,6 +143,21 @@ def _compress(ccfg: CompressionConfig, cp: Any, ls, g: StepInfo, obs=None) -> Sl
     return Slots(*(pick(f, o) for f, o in zip(fill, out, strict=True)))
 
 
+def _write_window(win: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """win [b, kv, W, hd] with new [b, T, kv, hd] written at each row's own start [b].
+
+    A full chunk (T == W) starts from an empty window (apply checks it), so it replaces the
+    window without a scatter."""
+    new = new.transpose(0, 2, 1, 3).astype(win.dtype)
+    if new.shape[2] == win.shape[2]:
+        return new
+
+    def row(w, n, s):  # w [kv, W, hd], n [kv, T, hd], s []
+        return jax.lax.dynamic_update_slice_in_dim(w, n, s, axis=1)
+
+    return jax.vmap(row)(win, new, start)
+
+
 def _snapkv_obs(ccfg: CompressionConfig, probs: jax.Array, g: StepInfo) -> jax.Array:
     """SnapKV's observation window: attention of the last snapkv_window valid queries of this
     call, summed over them and the group heads. probs [b, kv, group, T, S] -> [b, kv, S].
@@ -164,13 +185,8 @@ def _layer(
     truncate: the entries going into compression carry no gradient, so later chunks train the
     compressor (cp) but send nothing back into this or earlier chunks' activations."""
     q, k, v = llama.qkv(cfg, lp, x, g.positions, ll, lora_scale)
-    dtype = ls["win_k"].dtype
-    win_k = jax.lax.dynamic_update_slice_in_dim(
-        ls["win_k"], k.transpose(0, 2, 1, 3).astype(dtype), g.win_len, axis=2
-    )
-    win_v = jax.lax.dynamic_update_slice_in_dim(
-        ls["win_v"], v.transpose(0, 2, 1, 3).astype(dtype), g.win_len, axis=2
-    )
+    win_k = _write_window(ls["win_k"], k, g.win_start)
+    win_v = _write_window(ls["win_v"], v, g.win_start)
     keys = jnp.concatenate([ls["k"], win_k], axis=2).transpose(0, 2, 1, 3)
     vals = jnp.concatenate([ls["v"], win_v], axis=2).transpose(0, 2, 1, 3)
     out, probs = llama.attend(cfg, q, keys.astype(q.dtype), vals.astype(q.dtype), g.mask)
@@ -231,38 +247,90 @@ def apply(
 ) -> tuple[jax.Array, KVState]:
     """Run T new tokens through the model with the compressed cache.
 
-    tokens [b, T] with T <= chunk_size; n_new [b] int32: how many of each row's T tokens are
-    real (the rest is padding; default all). A full chunk (T == chunk_size) needs an empty raw
+    tokens [b, T] with T <= chunk_size; n_new [b] int32 in [0, T]: how many of each row's T
+    tokens are real (the rest is padding; default all); rows may differ, each row's real
+    tokens follow its own earlier ones. A full chunk (T == chunk_size) needs an empty raw
     window (true after every chunk and every compression) and always ends compressed; shorter
-    calls (decoding) append to the window and compress when it becomes full. truncate: the
-    compression's inputs carry no gradient (see scan_chunks).
+    calls (decoding) append to the window and compress when it becomes full, so the window
+    must have room for them: win_len + T <= chunk_size (call ``flush`` first otherwise).
+    These are checked on the host when the state is concrete; under a trace (jit, scan) a
+    call that breaks them fails a ``checkify.debug_check`` and returns NaN logits (and an
+    unusable state) instead of a silently wrong result. truncate: the compression's inputs
+    carry no gradient (see scan_chunks).
     Returns logits [b, T, vocab] fp32 and the new state.
     """
     b, T = tokens.shape
     W = ccfg.chunk_size
-    check_state(state, cfg, ccfg, b)
+    _check_call(params, state, cfg, ccfg, b)
     if T > W:
         raise ValueError(f"apply takes at most chunk_size={W} tokens per call, got {T}")
-    if ccfg.policy == "lococo" and "lococo" not in params:
-        raise ValueError("policy 'lococo' needs params['lococo'] (see policies.init_params)")
     if n_new is None:
         n_new = jnp.full((b,), T, jnp.int32)
-    g = _step_info(state, n_new.astype(jnp.int32), T)
+    n_new = jnp.asarray(n_new).astype(jnp.int32)
+    if n_new.shape != (b,):
+        raise ValueError(f"n_new must have shape [batch] = ({b},), got {n_new.shape}")
+    bad = _check_room(state.win_len, n_new, T, W)
+    g = _step_info(state, n_new, T)
     run = functools.partial(_run_layers, params, tokens, state, g, cfg, ccfg)
     if T == W:
-        return run(True, lora_scale, truncate)
-    return jax.lax.cond(
-        state.win_len + T >= W,
-        lambda: run(True, lora_scale, truncate),
-        lambda: run(False, lora_scale, truncate),
+        logits, new = run(True, lora_scale, truncate)
+    else:
+        logits, new = jax.lax.cond(
+            state.win_len + T >= W,
+            lambda: run(True, lora_scale, truncate),
+            lambda: run(False, lora_scale, truncate),
+        )
+    if bad is not None:
+        logits = jnp.where(bad, jnp.nan, logits)
+    return logits, new
+
+
+def _concrete(x: Any) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check_call(params, state: KVState, cfg: LlamaConfig, ccfg: CompressionConfig, b: int):
+    check_state(state, cfg, ccfg, b)
+    if ccfg.policy == "lococo" and "lococo" not in params:
+        raise ValueError("policy 'lococo' needs params['lococo'] (see policies.init_params)")
+
+
+def _check_room(win_len: jax.Array, n_new: jax.Array, T: int, W: int) -> jax.Array | None:
+    """Raise when T tokens (n_new [b] of them real) do not fit the raw window; under a trace,
+    -> a traced bool that is True when they do not (None when nothing is traced)."""
+    if _concrete(win_len) and _concrete(n_new):
+        held = int(win_len)
+        if T == W and held:
+            raise ValueError(
+                f"a full chunk of {T} tokens needs an empty raw window, but it holds {held} "
+                "entries; call longctx.flush first"
+            )
+        if held + T > W:
+            raise ValueError(
+                f"the raw window holds {held} of chunk_size={W} entries: {T} more tokens would "
+                f"overflow it; pass at most {W - held} tokens or call longctx.flush first"
+            )
+        nn = np.asarray(n_new)
+        if (nn < 0).any() or (nn > T).any():
+            raise ValueError(f"n_new must be in [0, {T}] (the tokens passed), got {nn.tolist()}")
+        return None
+    bad = (win_len + T > W) | ((T == W) & (win_len > 0)) | jnp.any((n_new < 0) | (n_new > T))
+    checkify.debug_check(
+        ~bad,
+        "apply: tokens do not fit the raw window (win_len={w} + T > chunk_size) or n_new is "
+        "outside [0, T]",
+        w=win_len,
     )
+    return bad
 
 
 def flush(
     params: dict[str, Any], state: KVState, cfg: LlamaConfig, ccfg: CompressionConfig
 ) -> KVState:
-    """Compress whatever the raw window holds into the slots (no new tokens)."""
+    """Compress whatever the raw window holds into the slots (no new tokens); afterwards the
+    window is empty, so full chunks (``run_long``, ``scan_chunks``) can follow decoding."""
     b = state.batch
+    _check_call(params, state, cfg, ccfg, b)
     g = _step_info(state, jnp.zeros((b,), jnp.int32), 1)
     dummy = jnp.zeros((b, 1), jnp.int32)
     _, new = _run_layers(params, dummy, state, g, cfg, ccfg, True, 1.0)
@@ -303,6 +371,17 @@ def scan_chunks(
         raise ValueError(f"tokens chunk axis is {B}, config chunk_size is {ccfg.chunk_size}")
     if output == "nll" and targets is None:
         raise ValueError("output='nll' needs targets")
+    if jnp.shape(n_new) != (n, b):
+        raise ValueError(f"n_new must have shape [chunks, batch] = ({n}, {b}), got {n_new.shape}")
+    if _concrete(state.win_len) and int(state.win_len) != 0:
+        raise ValueError(
+            f"scan_chunks reads full chunks, but the raw window holds {int(state.win_len)} "
+            "entries; call longctx.flush first"
+        )
+    if _concrete(n_new):
+        nn = np.asarray(n_new)
+        if (nn < 0).any() or (nn > B).any():
+            raise ValueError(f"n_new must be in [0, chunk_size={B}], got {nn.min()}..{nn.max()}")
     if targets is None:
         targets = jnp.full(tokens.shape, -1, jnp.int32)
     if last_logits is None:

@@ -301,3 +301,232 @@ def test_prefix_perplexities_match_a_loop():
     assert got.keys() == want.keys()
     for n in want:
         assert abs(got[n] - want[n]) < 1e-9 * want[n], n
+
+
+# ---------------------------------------------------------------- call-by-call loop oracle
+
+
+class NpCache:
+    """One row's compressed cache as a float64 loop: calls append to a raw window, compress()
+    turns [slots ; window] into the next slots by the policy (DESIGN.md), lococo included."""
+
+    def __init__(self, params, cfg, ccfg):
+        self.P = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+        self.cfg, self.ccfg = cfg, ccfg
+        L, KV = cfg.num_hidden_layers, cfg.num_key_value_heads
+        hd = cfg.head_dim
+        self.seen = 0
+        empty = lambda: dict(k=np.zeros((0, hd)), v=np.zeros((0, hd)), pos=np.zeros(0, int))
+        # per layer, per kv head: entries [slots ; window] in storage order
+        self.ent = [
+            [dict(empty(), acc=np.zeros(0), since=np.zeros(0)) for _ in range(KV)] for _ in range(L)
+        ]
+        self.n_slots = 0
+        self.last = [np.zeros(0) for _ in range(L)]
+
+    def feed(self, tok):
+        cfg, P = self.cfg, self.P
+        H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        G, T = H // KV, len(tok)
+        pos = np.arange(self.seen, self.seen + T)
+        x = P["embed"][np.asarray(tok)]
+        for li in range(cfg.num_hidden_layers):
+            lp = {k: v[li] for k, v in P["layers"].items()}
+            h = _np_rms(x, lp["attn_norm"], cfg.rms_norm_eps)
+            q = _np_rope((h @ lp["wq"]).reshape(T, H, hd), pos, cfg.rope_theta)
+            k = _np_rope((h @ lp["wk"]).reshape(T, KV, hd), pos, cfg.rope_theta)
+            v = (h @ lp["wv"]).reshape(T, KV, hd)
+            out, lasts = np.zeros((T, H, hd)), []
+            for j in range(KV):
+                c = self.ent[li][j]
+                c["k"] = np.concatenate([c["k"], k[:, j]])
+                c["v"] = np.concatenate([c["v"], v[:, j]])
+                c["pos"] = np.concatenate([c["pos"], pos])
+                c["acc"] = np.concatenate([c["acc"], np.zeros(T)])
+                c["since"] = np.concatenate([c["since"], np.zeros(T)])
+                n_old = len(c["k"]) - T
+                for gi in range(G):
+                    logits = q[:, j * G + gi] @ c["k"].T / np.sqrt(hd)
+                    for t in range(T):
+                        logits[t, n_old + t + 1 :] = -np.inf
+                    p = np.exp(logits - logits.max(-1, keepdims=True))
+                    p /= p.sum(-1, keepdims=True)
+                    out[:, j * G + gi] = p @ c["v"]
+                    c["since"] += p.sum(0)
+                    c["acc"] += p.sum(0)
+                    lasts.append(p[-1])
+            self.last[li] = np.mean(lasts, axis=0)
+            x = x + out.reshape(T, H * hd) @ lp["wo"]
+            h = _np_rms(x, lp["mlp_norm"], cfg.rms_norm_eps)
+            gate = h @ lp["w_gate"]
+            x = x + (gate / (1 + np.exp(-gate)) * (h @ lp["w_up"])) @ lp["w_down"]
+        self.seen += T
+        x = _np_rms(x, P["final_norm"], cfg.rms_norm_eps)
+        return x @ (P["embed"].T if cfg.tie_word_embeddings else P["lm_head"])
+
+    def compress(self):
+        ccfg = self.ccfg
+        M = ccfg.cache_size
+        for li, layer in enumerate(self.ent):
+            for j, c in enumerate(layer):
+                n = len(c["pos"])
+                if n <= M:
+                    keep = np.arange(n)
+                elif ccfg.policy == "streaming":
+                    keep = np.concatenate([np.arange(ccfg.sink), np.arange(n - (M - ccfg.sink), n)])
+                elif ccfg.policy == "h2o":
+                    r = ccfg.recent
+                    top = np.argsort(-c["acc"][: n - r], kind="stable")[: M - r]
+                    keep = np.sort(np.concatenate([top, np.arange(n - r, n)]))
+                elif ccfg.policy == "tova":
+                    keep = np.sort(np.argsort(-self.last[li][:n], kind="stable")[:M])
+                elif ccfg.policy == "lococo":
+                    layer[j] = self._lococo(li, c)
+                    continue
+                layer[j] = {f: a[keep] for f, a in c.items()}
+                layer[j]["since"] = np.zeros(len(keep))
+            self.last[li] = np.zeros(0)
+
+    def _lococo(self, li, c):
+        ccfg = self.ccfg
+        C, keep, local = ccfg.num_fused, ccfg.num_heavy, ccfg.local_len
+        n = len(c["pos"])
+        recent = set(np.argsort(-c["pos"])[:local].tolist())  # most recent by position
+        others = [i for i in range(n) if i not in recent]
+        by_score = sorted(others, key=lambda i: (-c["since"][i], i))[: keep - local]
+        heavy = sorted(recent | set(by_score))
+        rest = [i for i in range(n) if i not in heavy]
+        N = len(rest)
+        anchors = sorted(sorted(range(N), key=lambda m: (-c["since"][rest[m]], m))[:C])
+        R = np.zeros((C, N))
+        R[np.arange(C), anchors] = 1.0
+        x = np.concatenate([c["k"][rest], c["v"][rest]], axis=1).T  # [2d, N]
+        pad = (ccfg.kernel_size - 1) // 2
+        for conv in self.P["lococo"]["convs"]:
+            w, b = conv["w"][li], conv["b"][li]  # [k, in, out], [out]
+            xp = np.pad(x, ((0, 0), (pad, pad)))
+            y = np.stack(
+                [sum(w[t].T @ xp[:, m + t] for t in range(ccfg.kernel_size)) + b for m in range(N)],
+                axis=1,
+            )
+            x = np.maximum(y, 0.0)
+        A = np.exp(x - x.max(axis=1, keepdims=True))
+        A /= A.sum(axis=1, keepdims=True)
+        a = ccfg.normalizer_init  # the stored parameter gives a = normalizer_init
+        Wm = a * A + (1 - a) * R
+        rest_a = np.asarray(rest)[anchors]
+        return dict(
+            k=np.concatenate([c["k"][heavy], Wm @ c["k"][rest]]),
+            v=np.concatenate([c["v"][heavy], Wm @ c["v"][rest]]),
+            pos=np.concatenate([c["pos"][heavy], c["pos"][rest_a]]),
+            acc=np.concatenate([c["acc"][heavy], c["acc"][rest_a]]),
+            since=np.zeros(keep + C),
+        )
+
+
+# (T, n_new per row) per call; "flush" compresses the window. Batch 2, B = 4, M = 12.
+SCHEDULE = [
+    (4, [4, 3]),  # ragged full chunks while the cache fills
+    (4, [4, 4]),
+    (4, [4, 2]),
+    (4, [4, 1]),  # transition: row 0 compresses (16 > 12), row 1 still fits (10)
+    (1, [1, 0]),  # sub-chunk ragged calls: each row continues its own prefix
+    (1, [1, 1]),
+    (2, [2, 1]),  # window full: compress
+    (3, [3, 3]),
+    "flush",  # a short window (3 < local_len 4) compressed
+    (1, [1, 1]),  # decoding: one token at a time, compressing when the window fills
+    (1, [1, 1]),
+    (1, [1, 1]),
+    (1, [1, 1]),
+    (1, [1, 1]),
+    (1, [0, 1]),
+    "flush",
+    (4, [2, 4]),  # a ragged full chunk after a flush
+]
+
+
+# snapkv and keydiff have their own numpy references (tests/test_policies_snapkv*.py).
+@pytest.mark.parametrize("policy", ["full", "streaming", "h2o", "tova", "lococo"])
+def test_every_call_pattern_equals_the_loop_oracle(tiny_cfg, peaky_params, policy):
+    B = 4
+    M = 64 if policy == "full" else 12
+    ccfg = CompressionConfig(
+        policy=policy,
+        cache_size=M,
+        chunk_size=B,
+        sink=2,
+        local_len=4,
+        kernel_size=3,
+        normalizer_init=0.3,
+        fusion_impl="reference",
+    )
+    params = with_policy_params(peaky_params, tiny_cfg, ccfg)
+    rows = [NpCache(params, tiny_cfg, ccfg) for _ in range(2)]
+    state = init_state(tiny_cfg, ccfg, 2)
+    step = jax.jit(longctx.apply, static_argnames=("cfg", "ccfg"))
+    flush = jax.jit(longctx.flush, static_argnames=("cfg", "ccfg"))
+    rng = np.random.RandomState(8)
+    win_len = 0
+    for i, call in enumerate(SCHEDULE):
+        if call == "flush":
+            state = flush(params, state, tiny_cfg, ccfg)
+            for r in rows:
+                r.compress()
+            win_len = 0
+        else:
+            T, n_new = call
+            toks = rng.randint(0, tiny_cfg.vocab_size, (2, T))
+            logits, state = step(
+                params, jnp.asarray(toks), state, tiny_cfg, ccfg, n_new=jnp.asarray(n_new)
+            )
+            for b, r in enumerate(rows):
+                if n_new[b]:
+                    want = r.feed(toks[b, : n_new[b]])
+                    got = np.asarray(logits[b, : n_new[b]])
+                    np.testing.assert_allclose(got, want, atol=1e-4, err_msg=f"call {i} row {b}")
+            win_len += T
+            if win_len >= B:  # rows compress together when the shared window is full
+                for r in rows:
+                    r.compress()
+                win_len = 0
+        assert int(state.win_len) == win_len
+        for b, r in enumerate(rows):
+            assert int(state.seen[b]) == r.seen
+            n_slots = int(state.filled[b])
+            for li in range(tiny_cfg.num_hidden_layers):
+                for j in range(tiny_cfg.num_key_value_heads):
+                    c = r.ent[li][j]
+                    slots = len(c["pos"]) - int(state.win_valid[b])
+                    assert slots == n_slots, f"call {i} row {b}"
+                    np.testing.assert_array_equal(
+                        np.asarray(state.pos[li, b, j, :n_slots]),
+                        c["pos"][:n_slots],
+                        err_msg=f"call {i} row {b} layer {li} head {j}",
+                    )
+
+
+def test_window_overflow_is_refused_or_poisoned(tiny_cfg, tiny_params):
+    from jax.experimental import checkify
+
+    ccfg = CompressionConfig(policy="streaming", cache_size=16, chunk_size=8)
+    toks = jnp.ones((1, 6), jnp.int32)
+    _, state = longctx.apply(tiny_params, toks, init_state(tiny_cfg, ccfg, 1), tiny_cfg, ccfg)
+    with pytest.raises(ValueError, match="holds 6 of chunk_size=8 entries: 3 more tokens"):
+        longctx.apply(tiny_params, toks[:, :3], state, tiny_cfg, ccfg)
+    with pytest.raises(ValueError, match="full chunk of 8 tokens needs an empty raw window"):
+        longctx.apply(tiny_params, jnp.ones((1, 8), jnp.int32), state, tiny_cfg, ccfg)
+    with pytest.raises(ValueError, match=r"n_new must be in \[0, 2\]"):
+        longctx.apply(tiny_params, toks[:, :2], state, tiny_cfg, ccfg, n_new=jnp.array([3]))
+    # Under jit the window size is a traced value: NaN logits, and checkify names the problem.
+    step = jax.jit(longctx.apply, static_argnames=("cfg", "ccfg"))
+    logits, _ = step(tiny_params, toks[:, :3], state, tiny_cfg, ccfg)
+    assert np.isnan(np.asarray(logits)).all()
+    checked = checkify.checkify(step, errors=checkify.user_checks)
+    err, _ = checked(tiny_params, toks[:, :3], state, tiny_cfg, ccfg)
+    with pytest.raises(checkify.JaxRuntimeError, match="do not fit the raw window"):
+        err.throw()
+    # Flushing first makes room: the same call is then fine.
+    flushed = longctx.flush(tiny_params, state, tiny_cfg, ccfg)
+    logits, _ = longctx.apply(tiny_params, toks[:, :3], flushed, tiny_cfg, ccfg)
+    assert np.isfinite(np.asarray(logits)).all()

@@ -74,10 +74,21 @@ def top_mask(scores: jax.Array, candidates: jax.Array, n: int) -> jax.Array:
 
 
 def recent_mask(e: Entries, n: int) -> jax.Array:
-    """The last n valid entries: [b, h, S] bool."""
+    """The last n valid entries: [b, h, S] bool. The most recent by position only where the
+    slots are kept in position order (streaming, h2o); see latest_mask otherwise."""
     i = jnp.arange(e.valid.shape[-1])
     nv = e.n_valid[:, None, None]
     return (i >= nv - n) & (i < nv)
+
+
+def latest_mask(e: Entries, n: int) -> jax.Array:
+    """The n valid entries with the highest positions (the most recent tokens), whatever the
+    order the slots are stored in: [b, h, S] bool. Positions are distinct, so no ties."""
+    if n <= 0:
+        return jnp.zeros(e.valid.shape, bool)
+    _, idx = jax.lax.top_k(jnp.where(e.valid, e.pos, -1), n)
+    hit = jnp.put_along_axis(jnp.zeros(e.valid.shape, bool), idx, True, axis=-1, inplace=False)
+    return hit & e.valid
 
 
 def gather(e: Entries, idx: jax.Array) -> Slots:

@@ -3,7 +3,8 @@
 Per layer, per batch element and KV head, over the S = M + W entries with scores s (the
 attention this chunk's queries paid to each entry):
   1. C = floor(M (1 - r)) fused slots, keep = M - C heavy-hitter slots;
-  2. heavy hitters: the last local_len entries plus the top (keep - local_len) scores of the
+  2. heavy hitters: the local_len most recent entries by position (slots are stored as
+     [heavy ; fused], not in position order) plus the top (keep - local_len) scores of the
      others, in original order;
   3. the other N = S - keep entries in original order ("rest"), with scores s';
   4. R [C, N]: row j one-hot at the j-th (by position) of the C top-scored rest entries;
@@ -28,8 +29,8 @@ from lococo_jax.fusion import fuse_rest
 from lococo_jax.policies.base import (
     Entries,
     Slots,
+    latest_mask,
     mask_to_sorted_idx,
-    recent_mask,
     take,
     top_mask,
 )
@@ -88,7 +89,7 @@ def compress(ccfg: CompressionConfig, params: dict[str, Any], e: Entries) -> Slo
     N = S - keep
 
     # Steps 1-3: heavy hitters and the rest, both in original order.
-    local_mask = recent_mask(e, local)
+    local_mask = latest_mask(e, local)
     heavy_mask = local_mask | top_mask(e.chunk, e.valid & ~local_mask, keep - local)
     heavy_idx = mask_to_sorted_idx(heavy_mask, keep)
     rest_idx = mask_to_sorted_idx(~heavy_mask, N)  # valid rest first, then invalid entries
