@@ -1,4 +1,5 @@
-"""Weight conversion: Hugging Face folders and GGUF files -> our params pytree -> orbax directory.
+"""Weight conversion: Hugging Face folders and GGUF files (lococo_jax.gguf) -> our params pytree
+-> orbax directory.
 
 Conversion is rename + transpose + stack only: HF's split-half RoPE layout is kept, torch
 ``Linear.weight`` [out, in] becomes our [in, out], and per-layer tensors are stacked on a leading
@@ -7,19 +8,27 @@ layer axis L (the layout is documented in lococo_jax.llama).
 A converted directory holds::
 
     config.json        cfg.to_hf_config()
-    lococo_jax.json    marker: {"format": "lococo_jax-params", "version": 1, "source": ...}
+    lococo_jax.json    marker: {"format": "lococo_jax-params", "version": 2, "source": ...,
+                       "files": {relative path: sha256}} (checked on every load)
     params/            the params pytree (orbax StandardCheckpointer)
     tokenizer files    copied from the HF folder, or built from the GGUF (save_pretrained)
 
-It is written into a temporary sibling directory that is renamed into place at the end, so a
-failed conversion leaves nothing at the destination.
+It is written into a temporary sibling ``.NAME.tmp-PID-XXXXXXXX`` that is renamed into place at
+the end; an error, Ctrl-C, SIGTERM or SIGHUP removes it, and the next conversion to the same
+place removes those a killed (SIGKILL) run left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import re
 import shutil
+import signal
+import sys
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -30,13 +39,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from lococo_jax import llama
-from lococo_jax.config import ConfigError, LlamaConfig, RopeScaling
+from lococo_jax.config import LlamaConfig
 
 Params = dict[str, Any]
 
 MARKER = "lococo_jax.json"
 FORMAT = "lococo_jax-params"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the marker lists every file's sha256 ("files"); 1 had none
+READABLE_VERSIONS = (1, 2)
 PARAMS_SUBDIR = "params"
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -72,22 +82,6 @@ HF_LAYER_NAMES: dict[str, tuple[str, bool]] = {
     "b_gate": ("mlp.gate_proj.bias", False),
     "b_up": ("mlp.up_proj.bias", False),
     "b_down": ("mlp.down_proj.bias", False),
-}
-# Our per-layer name -> (GGUF name under blk.{i}., transposed?)
-GGUF_LAYER_NAMES: dict[str, tuple[str, bool]] = {
-    "attn_norm": ("attn_norm.weight", False),
-    "mlp_norm": ("ffn_norm.weight", False),
-    "wq": ("attn_q.weight", True),
-    "wk": ("attn_k.weight", True),
-    "wv": ("attn_v.weight", True),
-    "wo": ("attn_output.weight", True),
-    "bq": ("attn_q.bias", False),
-    "bk": ("attn_k.bias", False),
-    "bv": ("attn_v.bias", False),
-    "bo": ("attn_output.bias", False),
-    "w_gate": ("ffn_gate.weight", True),
-    "w_up": ("ffn_up.weight", True),
-    "w_down": ("ffn_down.weight", True),
 }
 
 
@@ -302,180 +296,156 @@ def load_hf_checkpoint(folder: str | Path, dtype: Any = jnp.float32) -> tuple[Ll
 
 
 # ---------------------------------------------------------------------------------------------
-# GGUF files (llama.cpp).
-
-
-def _gguf_fields(reader: Any) -> dict[str, Any]:
-    """Scalar and string metadata (arrays other than short ones are skipped)."""
-    out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"):
-            continue
-        try:
-            out[key] = field.contents()
-        except Exception:  # noqa: BLE001 - exotic metadata types are irrelevant to the model
-            continue
-    return out
-
-
-def gguf_config(reader: Any, path: str | Path) -> LlamaConfig:
-    """LlamaConfig from a GGUF file's llama.* / tokenizer.ggml.* metadata."""
-    f = _gguf_fields(reader)
-    arch = f.get("general.architecture")
-    if arch != "llama":
-        raise ConfigError(
-            f"config field 'general.architecture' in {path}: {arch!r} is not supported; "
-            "only 'llama' GGUF files can be converted"
-        )
-
-    def need(key: str) -> Any:
-        if key not in f:
-            raise ConfigError(f"config field '{key}' in {path}: missing from the GGUF metadata")
-        return f[key]
-
-    hidden = int(need("llama.embedding_length"))
-    heads = int(need("llama.attention.head_count"))
-    kv_heads = int(f.get("llama.attention.head_count_kv", heads))
-    head_dim = int(f.get("llama.attention.key_length", f.get("llama.rope.dimension_count", 0)))
-    head_dim = head_dim or hidden // heads
-    tensors = {t.name: t for t in reader.tensors}
-    if "llama.vocab_size" in f:
-        vocab = int(f["llama.vocab_size"])
-    elif "tokenizer.ggml.tokens" in reader.fields:
-        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
-    else:
-        vocab = int(tensors["token_embd.weight"].shape[-1])
-    if "rope_freqs.weight" in tensors:
-        raise ConfigError(
-            f"config field 'rope_freqs' in {path}: per-frequency RoPE factors (llama.cpp's export "
-            "of llama3 scaling) are not supported; convert the Hugging Face checkpoint instead"
-        )
-    rope_scaling = None
-    scaling_type = f.get("llama.rope.scaling.type")
-    if scaling_type not in (None, "none"):
-        factor = float(need("llama.rope.scaling.factor"))
-        if scaling_type != "linear":
-            raise ConfigError(
-                f"config field 'llama.rope.scaling.type' in {path}: {scaling_type!r} is not "
-                "supported (only linear)"
-            )
-        rope_scaling = RopeScaling("linear", factor)
-    has_bias = "blk.0.attn_q.bias" in tensors
-    try:
-        return LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=int(need("llama.feed_forward_length")),
-            num_hidden_layers=int(need("llama.block_count")),
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            head_dim=head_dim,
-            rms_norm_eps=float(f.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(f.get("llama.rope.freq_base", 10000.0)),
-            rope_scaling=rope_scaling,
-            tie_word_embeddings="output.weight" not in tensors,
-            max_position_embeddings=int(f.get("llama.context_length", 4096)),
-            attention_bias=has_bias,
-            bos_token_id=_opt_int(f.get("tokenizer.ggml.bos_token_id")),
-            eos_token_id=_opt_int(f.get("tokenizer.ggml.eos_token_id")),
-        )
-    except ConfigError as e:
-        raise ConfigError(f"{e} (in {path})") from None
-
-
-def _opt_int(v: Any) -> int | None:
-    return None if v is None else int(v)
-
-
-def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> HF's split halves).
-
-    w: [n_head * head_dim, ...] in torch layout (rows = output features). llama.cpp exports
-    ``w.reshape(n_head, 2, hd // 2, ...).swapaxes(1, 2)``; this is its inverse.
-    """
-    hd = w.shape[0] // n_head
-    return w.reshape(n_head, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def load_gguf(path: str | Path, dtype: Any = jnp.float32) -> tuple[LlamaConfig, Params]:
-    """Read (and dequantise) a llama.cpp GGUF Llama into (config, params), cast to ``dtype``."""
-    import gguf
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise CheckpointFormatError(f"{path}: not a readable GGUF file ({e})") from e
-    cfg = gguf_config(reader, path)
-    src = _TensorSource()
-    for t in reader.tensors:
-        # GGUF lists dims fastest-first; numpy order (torch layout) is the reverse.
-        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-
-        def load(t=t, shape=shape) -> np.ndarray:
-            return (
-                gguf.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32, copy=False)
-            )
-
-        src.add(t.name, shape, path, load)
-    top = {
-        "embed": ("token_embd.weight", False),
-        "final_norm": ("output_norm.weight", False),
-        "lm_head": ("output.weight", True),
-    }
-
-    def fix(key: str, a: np.ndarray) -> np.ndarray:
-        if key.endswith(("attn_q.weight", "attn_q.bias")):
-            return unpermute_qk(a, cfg.num_attention_heads)
-        if key.endswith(("attn_k.weight", "attn_k.bias")):
-            return unpermute_qk(a, cfg.num_key_value_heads)
-        return a
-
-    params = _assemble(
-        cfg,
-        src,
-        top,
-        GGUF_LAYER_NAMES,
-        "blk.{}.",
-        lambda key: False,
-        dtype,
-        fix=fix,
-        where=str(path),
-    )
-    return cfg, params
-
-
-# ---------------------------------------------------------------------------------------------
 # Orbax directories.
 
 
 def _tmp_sibling(dst: Path) -> Path:
-    return dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+    """A hidden sibling named after this process, so a later run can tell a dead run's leftover
+    (its pid is gone) from a conversion still in progress."""
+    return dst.parent / f".{dst.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?:(?P<pid>\d+)-)?[0-9a-f]{8}$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clean_stale_temporaries(dst: str | Path) -> list[Path]:
+    """Remove the ``.NAME.tmp-*`` siblings of dst that a killed conversion left behind (their
+    process is gone); report on stderr the ones whose writer may still be running. -> removed."""
+    dst = Path(dst)
+    removed = []
+    if not dst.parent.is_dir():
+        return removed
+    for p in dst.parent.iterdir():
+        m = _TMP_RE.match(p.name)
+        if not m or m["name"] != dst.name:
+            continue
+        pid = int(m["pid"]) if m["pid"] else None
+        if pid is not None and (pid == os.getpid() or _pid_alive(pid)):
+            print(
+                f"note: {p} belongs to a conversion still running (pid {pid}); left alone",
+                file=sys.stderr,
+            )
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        print(f"note: removed {p}, left behind by an interrupted conversion", file=sys.stderr)
+        removed.append(p)
+    return removed
+
+
+@contextlib.contextmanager
+def _interrupts_raise():
+    """SIGTERM / SIGHUP raise (like Ctrl-C) while a conversion writes, so its ``finally`` removes
+    the temporary folder; SIGKILL cannot be caught: clean_stale_temporaries handles that."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"interrupted by signal {signum}")
+
+    sigs = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s]
+    old = {s: signal.signal(s, handler) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def check_destination(dst: str | Path, overwrite: bool, src: str | Path | None = None) -> Path:
+    """The resolved destination, or a clear error: it exists (without overwrite), a parent is a
+    file, or it is (or holds) the source."""
+    dst = Path(dst).expanduser().resolve()
+    for parent in dst.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(
+                    f"destination {dst}: {parent} is a file, not a folder; pick another path"
+                )
+            break
+    if src is not None:
+        src = Path(src).expanduser().resolve()
+        if dst == src or dst in src.parents:
+            raise ValueError(f"destination {dst} would replace the source {src}; pick another path")
+    if dst.exists():
+        if not overwrite:
+            raise FileExistsError(
+                f"destination already exists: {dst} (pass --overwrite, or overwrite=True, to "
+                "replace it)"
+            )
+        if not dst.is_dir() or (any(dst.iterdir()) and not is_converted(dst)):
+            raise FileExistsError(
+                f"destination {dst} exists and is not a converted checkpoint; --overwrite only "
+                "replaces one (remove it yourself if you mean it)"
+            )
+    return dst
 
 
 def _write_atomically(dst: str | Path, write: Callable[[Path], None], overwrite: bool) -> Path:
     """Run ``write(tmp)`` on a fresh temporary sibling of dst, then rename it to dst."""
-    dst = Path(dst).expanduser().resolve()
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"destination already exists: {dst} (pass overwrite=True)")
+    dst = check_destination(dst, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(dst)
     tmp = _tmp_sibling(dst)
+    old = None
     try:
-        tmp.mkdir()
-        write(tmp)
-        if dst.exists():  # overwrite: move the old one aside first so dst is never half-written
-            old = _tmp_sibling(dst)
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
+        with _interrupts_raise():
+            tmp.mkdir()
+            write(tmp)
+            _record_checksums(tmp)
+            if dst.exists():  # overwrite: move the old one aside so dst is never half-written
+                old = _tmp_sibling(dst)
+                os.replace(dst, old)
             os.replace(tmp, dst)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, old):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
     return dst
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _record_checksums(directory: Path) -> None:
+    """Add every file's sha256 (relative path -> hex) to the marker."""
+    marker = json.loads((directory / MARKER).read_text())
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MARKER)
+    marker["files"] = {str(p.relative_to(directory)): _sha256(p) for p in files}
+    (directory / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def verify_checksums(directory: str | Path) -> None:
+    """Raise CheckpointFormatError naming the first file that is missing or differs from the
+    sha256 recorded at conversion (version-1 checkpoints have none: nothing to verify)."""
+    d = Path(directory)
+    marker = json.loads((d / MARKER).read_text())
+    for rel, want in marker.get("files", {}).items():
+        f = d / rel
+        if not f.is_file():
+            raise CheckpointFormatError(
+                f"{f}: missing from the converted checkpoint {d}; convert it again"
+            )
+        if _sha256(f) != want:
+            raise CheckpointFormatError(
+                f"{f}: damaged (its sha256 differs from the one recorded at conversion); "
+                "convert the checkpoint again"
+            )
 
 
 def _save_into(directory: Path, params: Params, cfg: LlamaConfig, source: str | None) -> None:
@@ -515,9 +485,16 @@ def load_params(directory: str | Path, dtype: Any = None) -> tuple[LlamaConfig, 
             f"{d} is not a converted lococo_jax checkpoint (expected {MARKER}, config.json and "
             f"{PARAMS_SUBDIR}/); convert it first: python -m lococo_jax convert SRC {d}"
         )
-    marker = json.loads((d / MARKER).read_text())
-    if marker.get("format") != FORMAT or marker.get("version") != FORMAT_VERSION:
-        raise CheckpointFormatError(f"{d / MARKER}: unknown format {marker}")
+    try:
+        marker = json.loads((d / MARKER).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointFormatError(f"{d / MARKER}: not valid JSON ({e}); convert again") from None
+    if marker.get("format") != FORMAT or marker.get("version") not in READABLE_VERSIONS:
+        raise CheckpointFormatError(
+            f"{d / MARKER}: unknown format {marker.get('format')!r} version "
+            f"{marker.get('version')!r} (this code reads {FORMAT!r} {READABLE_VERSIONS})"
+        )
+    verify_checksums(d)
     cfg = LlamaConfig.from_json(d / "config.json")
     with ocp.StandardCheckpointer() as ckptr:
         meta = ckptr.metadata(d / PARAMS_SUBDIR)
@@ -562,9 +539,12 @@ def convert_and_load(
     src = Path(src).expanduser()
     if not src.exists():
         raise FileNotFoundError(f"conversion source not found: {src}")
+    check_destination(dst, overwrite, src)  # before the (slow) read of the source
     if src.is_file():
         if src.suffix != ".gguf":
             raise ValueError(f"{src}: expected an HF checkpoint folder or a .gguf file")
+        from lococo_jax.gguf import load_gguf
+
         cfg, params = load_gguf(src)
 
         def write(tmp: Path) -> None:

@@ -84,7 +84,13 @@ def load_default_model(
             # what was just written, without reading it back (the round trip is exact)
             params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
             return cfg, params, load_tokenizer(cache)
-    cfg, params = convert.load_params(cache, dtype=dtype)
+    try:
+        cfg, params = convert.load_params(cache, dtype=dtype)
+    except convert.CheckpointFormatError as e:
+        raise convert.CheckpointFormatError(
+            f"{e} (the first-run cache of the default model: remove {cache} and it is "
+            "converted again)"
+        ) from None
     return cfg, params, load_tokenizer(cache)
 
 
@@ -105,7 +111,9 @@ def load_model(
     if not path.exists():
         raise FileNotFoundError(f"--model {spec!r}: no such file or directory")
     if path.suffix == ".gguf":
-        cfg, params = convert.load_gguf(path, dtype=dtype)
+        from lococo_jax.gguf import load_gguf
+
+        cfg, params = load_gguf(path, dtype=dtype)
     elif (
         (path / "model.safetensors").exists()
         or (path / "model.safetensors.index.json").exists()

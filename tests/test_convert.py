@@ -18,6 +18,7 @@ import transformers  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from lococo_jax import convert, llama  # noqa: E402
+from lococo_jax import gguf as lococo_gguf  # noqa: E402
 from lococo_jax.config import ConfigError  # noqa: E402
 from lococo_jax.convert import CheckpointFormatError  # noqa: E402
 
@@ -150,6 +151,77 @@ def test_convert_failing_while_writing_leaves_nothing(hf_dir, tmp_path, monkeypa
     assert leftovers(tmp_path, "out") == []
 
 
+def test_checksums_name_the_damaged_file(hf_dir, tmp_path):
+    dst = convert.convert(hf_dir, tmp_path / "out")
+    marker = json.loads((dst / convert.MARKER).read_text())
+    assert marker["version"] == 2 and "config.json" in marker["files"]
+    # the largest file is the params data; damage 4 KB in its middle, then truncate it
+    big = max((p for p in dst.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(big.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 4096] = b"\0" * min(4096, len(data) // 2)
+    big.write_bytes(bytes(data))
+    with pytest.raises(CheckpointFormatError, match=f"{big.name}: damaged"):
+        convert.load_params(dst)
+    big.write_bytes(bytes(data[: len(data) // 3]))
+    with pytest.raises(CheckpointFormatError, match=f"{big.name}: damaged"):
+        convert.load_params(dst)
+    big.unlink()
+    with pytest.raises(CheckpointFormatError, match=f"{big.name}: missing"):
+        convert.load_params(dst)
+
+
+def test_destination_errors_and_overwrite(hf_dir, tmp_path):
+    dst = convert.convert(hf_dir, tmp_path / "out")
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        convert.convert(hf_dir, dst)
+    (dst / "stray.txt").write_text("from the old conversion")
+    assert convert.convert(hf_dir, dst, overwrite=True) == dst
+    assert not (dst / "stray.txt").exists()
+    convert.load_params(dst)
+    assert leftovers(tmp_path, "out") == ["out"]
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match="afile is a file, not a folder"):
+        convert.convert(hf_dir, tmp_path / "afile" / "out")
+    with pytest.raises(FileExistsError, match="not a converted checkpoint"):
+        convert.convert(hf_dir, tmp_path / "afile", overwrite=True)
+    with pytest.raises(ValueError, match="would replace the source"):
+        convert.convert(hf_dir, hf_dir, overwrite=True)
+    assert (hf_dir / "model.safetensors").is_file()
+
+
+def test_a_killed_conversion_leaves_nothing_and_stale_temporaries_go(hf_dir, tmp_path):
+    import subprocess
+    import sys
+
+    # SIGTERM while writing: the temporary folder goes with the process.
+    code = (
+        "import sys, time; from lococo_jax import convert\n"
+        "def slow(folder, dst):\n"
+        "    print('writing', flush=True); time.sleep(60)\n"
+        "convert._copy_tokenizer = slow\n"
+        "convert.convert(sys.argv[1], sys.argv[2])\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(hf_dir), str(tmp_path / "out")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "writing"
+    assert len(leftovers(tmp_path, "out")) == 1  # the temporary folder exists while writing
+    proc.terminate()
+    proc.wait(30)
+    assert proc.returncode != 0
+    assert leftovers(tmp_path, "out") == []
+    # SIGKILL cannot be caught: a dead run's folder is removed by the next conversion there;
+    # one whose process is alive (ours) is reported and left alone.
+    dead = tmp_path / ".out.tmp-999999999-0123abcd"
+    (dead / "params").mkdir(parents=True)
+    alive = tmp_path / f".out.tmp-{os.getppid()}-0123abcd"
+    alive.mkdir()
+    convert.convert(hf_dir, tmp_path / "out")
+    assert leftovers(tmp_path, "out") == [alive.name, "out"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors that name the file / key / field.
 
@@ -166,7 +238,7 @@ def test_missing_folder_and_files(tmp_path, hf_dir):
     with pytest.raises(FileNotFoundError, match="config.json"):
         convert.load_hf_checkpoint(hf_dir)
     with pytest.raises(FileNotFoundError, match="nowhere.gguf"):
-        convert.load_gguf(tmp_path / "nowhere.gguf")
+        lococo_gguf.load_gguf(tmp_path / "nowhere.gguf")
 
 
 def test_missing_shard(tmp_path):
@@ -310,7 +382,7 @@ def test_gguf_matches_transformers(tmp_path, tied, factor):
     rope = {"rope_type": "linear", "factor": factor} if factor else None
     model = make_hf_model(tie_word_embeddings=tied, rope_theta=1000.0, rope_scaling=rope)
     write_tiny_gguf(tmp_path / "tiny.gguf", model, linear_factor=factor)
-    cfg, params = convert.load_gguf(tmp_path / "tiny.gguf")
+    cfg, params = lococo_gguf.load_gguf(tmp_path / "tiny.gguf")
     assert cfg.tie_word_embeddings == tied and ("lm_head" in params) == (not tied)
     assert (cfg.rope_scaling.factor if cfg.rope_scaling else None) == factor
     assert (cfg.rope_theta, cfg.bos_token_id, cfg.eos_token_id) == (1000.0, 1, 2)
@@ -323,13 +395,13 @@ def test_gguf_matches_transformers(tmp_path, tied, factor):
 
 def test_unpermute_inverts_llama_cpp():
     w = np.arange(6 * 8 * 5, dtype=np.float32).reshape(6 * 8, 5)
-    assert np.array_equal(convert.unpermute_qk(llama_cpp_permute(w, 6), 6), w)
+    assert np.array_equal(lococo_gguf.unpermute_qk(llama_cpp_permute(w, 6), 6), w)
 
 
 def test_gguf_wrong_architecture(tmp_path):
     write_tiny_gguf(tmp_path / "other.gguf", make_hf_model(), arch="gpt2")
     with pytest.raises(ConfigError, match=r"'general\.architecture' in .*other\.gguf: 'gpt2'"):
-        convert.load_gguf(tmp_path / "other.gguf")
+        lococo_gguf.load_gguf(tmp_path / "other.gguf")
 
 
 # ---------------------------------------------------------------------------------------------
