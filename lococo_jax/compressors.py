@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save, save_file
 
 from lococo_jax.config import CompressionConfig, LlamaConfig
@@ -34,12 +35,15 @@ def save_compressors(
     ccfg: CompressionConfig,
     meta: dict[str, Any] | None = None,
     conv_dtype: str = "float32",
+    model: dict[str, str] | None = None,
 ) -> Path:
     """Write params (the lococo subtree) atomically: a temp file renamed into place. A URL
     (gs://...) is written through etils.epath (object stores write whole objects anyway).
 
-    conv_dtype "float16" halves the file (the committed M=128 weights: 20.6 -> 10.3 MB); the
-    conv weights are ~N(0, 1), well inside float16's range. Loading gives float32 either way.
+    model: the base model's ``model_fingerprint`` (architecture and weights hash); loading the
+    file for another model is then an error. conv_dtype "float16" halves the file (the
+    committed M=128 weights: 20.6 -> 10.3 MB); the conv weights are ~N(0, 1), well inside
+    float16's range. Loading gives float32 either way.
     """
     if conv_dtype not in ("float32", "float16"):
         raise ValueError(f"conv_dtype must be float32 or float16, got {conv_dtype!r}")
@@ -51,6 +55,8 @@ def save_compressors(
         "compression_config": json.dumps(dataclasses.asdict(ccfg)),
         "meta": json.dumps(meta or {}),
     }
+    if model is not None:
+        metadata["model"] = json.dumps(model)
     if "://" in str(path):
         from etils import epath
 
@@ -71,13 +77,22 @@ def save_compressors(
 
 
 def load_compressors(
-    path: str | Path, cfg: LlamaConfig
+    path: str | Path, cfg: LlamaConfig, model: dict[str, str] | None = None
 ) -> tuple[dict[str, Any], CompressionConfig, dict[str, Any]]:
-    """-> (lococo params (float32), the CompressionConfig they were trained with, provenance)."""
+    """-> (lococo params (float32), the CompressionConfig they were trained with, provenance).
+
+    The file must have been trained for this model: its architecture must be cfg's, and, when
+    ``model`` (model_fingerprint of the params it will run with) is given, its weights hash
+    too (see check_binding)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"compressor weights not found: {path}")
-    stored, ccfg, meta = _read(path)
+    try:
+        stored, ccfg, meta = _read(path)
+        bound = stored_model(path)
+    except (OSError, KeyError, json.JSONDecodeError, SafetensorError) as e:
+        raise ValueError(f"{path}: not a readable compressor file ({e})") from None
+    check_binding(path, bound, meta, cfg, model)
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), stored)
     expected = jax.eval_shape(lambda: lococo.init_params(jax.random.PRNGKey(0), cfg, ccfg))
     for (kp, got), want in zip(
@@ -108,6 +123,94 @@ def _read(path: str | Path) -> tuple[dict[str, Any], CompressionConfig, dict[str
         "normalizer": tensors["normalizer"],
     }
     return params, ccfg, json.loads(md.get("meta", "{}"))
+
+
+def architecture(cfg: LlamaConfig) -> str:
+    """The fields that decide a compressor's shapes and what its inputs mean, as one string."""
+    return (
+        f"llama layers={cfg.num_hidden_layers} hidden={cfg.hidden_size} "
+        f"heads={cfg.num_attention_heads}/{cfg.num_key_value_heads} head_dim={cfg.head_dim} "
+        f"ffn={cfg.intermediate_size} vocab={cfg.vocab_size} rope_theta={cfg.rope_theta:g}"
+    )
+
+
+def weights_hash(params: dict[str, Any], samples: int = 1 << 16) -> str:
+    """16 hex digits of a sha256 over every base-model tensor's name, shape and up to
+    ``samples`` evenly spaced values rounded to bfloat16 (so fp32 and bf16 loads of one model
+    agree; any fine-tune or other model differs). Policy subtrees (lococo, lora) are skipped."""
+    import ml_dtypes
+
+    h = hashlib.sha256()
+    base = {k: v for k, v in params.items() if k not in ("lococo", "lora")}
+    for kp, leaf in sorted(
+        jax.tree_util.tree_leaves_with_path(base), key=lambda t: jax.tree_util.keystr(t[0])
+    ):
+        flat = jnp.ravel(leaf) if isinstance(leaf, jax.Array) else np.ravel(leaf)
+        idx = np.linspace(0, flat.size - 1, min(flat.size, samples)).astype(np.int64)
+        vals = np.asarray(flat[idx], np.float32).astype(ml_dtypes.bfloat16)
+        h.update(f"{jax.tree_util.keystr(kp)}{tuple(leaf.shape)}".encode())
+        h.update(vals.tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(cfg: LlamaConfig, params: dict[str, Any]) -> dict[str, str]:
+    """{"architecture", "weights"}: what a compressor file is bound to."""
+    return {"architecture": architecture(cfg), "weights": weights_hash(params)}
+
+
+# The embedded SmolLM2-135M-Instruct (GGUF Q4_1 dequantised), which the committed compressor
+# files were trained on. Those files predate fingerprints; their meta names model "smollm2".
+EMBEDDED_MODEL = {
+    "architecture": (
+        "llama layers=30 hidden=576 heads=9/3 head_dim=64 ffn=1536 vocab=49152 rope_theta=100000"
+    ),
+    "weights": "65b108bc154bc7a9",
+}
+LEGACY_MODELS = {"smollm2": EMBEDDED_MODEL}
+
+
+def stored_model(path: str | Path) -> dict[str, str] | None:
+    """The model fingerprint stored in a compressor file (None for files that predate it)."""
+    with safe_open(str(path), framework="numpy") as f:
+        md = f.metadata() or {}
+    return json.loads(md["model"]) if "model" in md else None
+
+
+def _describe(model: dict[str, str]) -> str:
+    return f"{model['architecture']}, weights {model['weights']}"
+
+
+def check_binding(
+    path: str | Path,
+    bound: dict[str, str] | None,
+    meta: dict[str, Any],
+    cfg: LlamaConfig,
+    model: dict[str, str] | None,
+) -> None:
+    """Raise when the file at path was trained for another model than (cfg, model).
+
+    A file without a fingerprint (older files, the committed ones among them) is bound to the
+    model its provenance names when that name is known (LEGACY_MODELS: "smollm2" = the
+    embedded model); otherwise only the shapes can be checked, and a note says so."""
+    if bound is None:
+        name = (meta.get("config") or {}).get("model") if isinstance(meta, dict) else None
+        bound = LEGACY_MODELS.get(name) if isinstance(name, str) else None
+        if bound is None:
+            print(
+                f"note: {path} does not record which model it was trained for "
+                f"(model {name!r}); only its shapes are checked",
+                file=sys.stderr,
+            )
+            return
+    here = {"architecture": architecture(cfg), "weights": (model or {}).get("weights")}
+    same_arch = bound.get("architecture") == here["architecture"]
+    same_weights = model is None or bound.get("weights") == here["weights"]
+    if not (same_arch and same_weights):
+        got = here["architecture"] + (f", weights {here['weights']}" if model else "")
+        raise ValueError(
+            f"{path} was trained for another model ({_describe(bound)}), not this one ({got}); "
+            "compressors only work with the base model they were trained for"
+        )
 
 
 def default_compressors(cache_size: int, chunk_size: int = 128) -> Path | None:
@@ -142,19 +245,31 @@ def with_policy_params(
     path: str | Path | None = None,
 ) -> tuple[dict[str, Any], CompressionConfig, bool | None]:
     """Attach what the policy needs: for lococo, the compressors at ``path``, else the committed
-    ones for (M, B) if any, else a random init. -> (params, ccfg, trained: None if no params).
+    ones for (M, B) when this is the model they were trained for (the embedded SmolLM2), else
+    an untrained init. -> (params, ccfg, trained: None if the policy has no parameters).
 
-    Trained compressors bring the CompressionConfig they were trained with; M and B must match.
+    Trained compressors bring the CompressionConfig they were trained with; M and B must match,
+    and they must have been trained for this model (check_binding). A path with a policy that
+    has no compressors is an error, as is a path that does not exist.
     """
     if ccfg.policy != "lococo":
+        if path is not None:
+            raise ValueError(
+                f"compressor weights ({path}) were given, but policy {ccfg.policy!r} has no "
+                "compressors; use policy 'lococo' or drop them"
+            )
         return params, ccfg, None
-    path = path or default_compressors(ccfg.cache_size, ccfg.chunk_size)
+    model = model_fingerprint(cfg, params)
+    if path is None:
+        path = default_compressors(ccfg.cache_size, ccfg.chunk_size)
+        if path is not None and model != EMBEDDED_MODEL:
+            path = None  # trained for the embedded model only
     if path is None:
         from lococo_jax import policies
 
         sub = policies.init_params(jax.random.PRNGKey(0), cfg, ccfg)
         return dict(params, lococo=sub), ccfg, False
-    sub, trained, _ = load_compressors(path, cfg)
+    sub, trained, _ = load_compressors(path, cfg, model)
     if (trained.cache_size, trained.chunk_size) != (ccfg.cache_size, ccfg.chunk_size):
         raise ValueError(
             f"{path} was trained for cache_size={trained.cache_size}, chunk_size="
@@ -168,7 +283,8 @@ def resave(src: str | Path, dst: str | Path, conv_dtype: str = "float16") -> Pat
     provenance notes the storage). How the committed files were made from training exports."""
     params, ccfg, meta = _read(src)
     meta = dict(meta, storage=f"conv weights {conv_dtype}")
-    return save_compressors(dst, params, ccfg, meta, conv_dtype=conv_dtype)
+    model = stored_model(src)
+    return save_compressors(dst, params, ccfg, meta, conv_dtype=conv_dtype, model=model)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,46 @@ def test_provenance_follows_the_committed_file(tiny_cfg, tmp_path, monkeypatch):
     assert not compressors.is_current(result, 8)
 
 
+def test_compressors_are_bound_to_their_model(tiny_cfg, tiny_params, tmp_path):
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    ccfg = CompressionConfig(policy="lococo", cache_size=16, chunk_size=8, kernel_size=5)
+    sub = policies.init_params(jax.random.PRNGKey(0), tiny_cfg, ccfg)
+    model = compressors.model_fingerprint(tiny_cfg, tiny_params)
+    bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), tiny_params)
+    assert compressors.model_fingerprint(tiny_cfg, bf16) == model  # one model, any dtype
+    path = compressors.save_compressors(tmp_path / "c.safetensors", sub, ccfg, model=model)
+    p, got, trained = compressors.with_policy_params(tiny_params, tiny_cfg, ccfg, path)
+    assert trained is True and got == ccfg
+    # Same architecture, other weights (a fine-tune): refused, naming both models.
+    tuned = dict(tiny_params, embed=tiny_params["embed"] * 1.01)
+    with pytest.raises(ValueError, match=r"trained for another model \(llama layers=2.*weights"):
+        compressors.with_policy_params(tuned, tiny_cfg, ccfg, path)
+    # Another architecture whose compressor shapes still fit (only the layer count and
+    # head_dim decide them): refused too, not loaded silently.
+    wider = dataclasses.replace(tiny_cfg, intermediate_size=200)
+    with pytest.raises(ValueError, match="ffn=96.*not this one.*ffn=200"):
+        compressors.load_compressors(path, wider)
+    # The committed files (no fingerprint; meta names "smollm2") are for the embedded model.
+    asset = compressors.default_compressors(64, 128)
+    with pytest.raises(ValueError, match="llama layers=30 hidden=576.*not this one"):
+        compressors.load_compressors(asset, tiny_cfg)
+    m64 = CompressionConfig(policy="lococo", cache_size=64, chunk_size=128, kernel_size=5)
+    _, _, trained = compressors.with_policy_params(tiny_params, tiny_cfg, m64)
+    assert trained is False  # another model: an untrained init, not the committed weights
+    # Weights for a policy that has none, and a missing path.
+    h2o = CompressionConfig(policy="h2o", cache_size=16, chunk_size=8)
+    with pytest.raises(ValueError, match="policy 'h2o' has no compressors"):
+        compressors.with_policy_params(tiny_params, tiny_cfg, h2o, path)
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        compressors.with_policy_params(tiny_params, tiny_cfg, ccfg, tmp_path / "nope.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="junk.safetensors: not a readable compressor file"):
+        compressors.load_compressors(tmp_path / "junk.safetensors", tiny_cfg)
+
+
 @pytest.mark.slow
 def test_committed_compressors_beat_eviction_at_m64(smollm2):
     cfg, params, tok, _ = smollm2
@@ -82,7 +122,7 @@ def test_committed_compressors_beat_eviction_at_m64(smollm2):
     for policy in ("lococo", "h2o", "streaming"):
         ccfg = CompressionConfig(policy=policy, cache_size=64, chunk_size=128)
         p, ccfg, trained = compressors.with_policy_params(params, cfg, ccfg)
-        assert trained in (True, None)
+        assert trained is (True if policy == "lococo" else None)  # bound to this model
         nll[policy] = evaluate.perplexity(p, ids, cfg, ccfg).nll
     print("held-out NLL at M=64:", nll)
     assert nll["lococo"] < nll["h2o"]
