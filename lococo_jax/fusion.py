@@ -31,15 +31,13 @@ def fusion_platform(ccfg: CompressionConfig) -> str:
     return ccfg.fusion_platform or platforms.context_platform() or jax.default_backend()
 
 
-def row_specs(mesh: jax.sharding.AbstractMesh, b: int, h: int) -> tuple[P, P] | None:
+def row_specs(mesh: jax.sharding.AbstractMesh, b: int, h: int) -> tuple[P, P]:
     """(spec of [b, h, ...] rows, spec of [b]) on ``mesh``: batch over data x fsdp and KV heads
-    over tensor where they divide (replicated where not); None when nothing is split."""
+    over tensor where they divide, replicated where not."""
     sizes = {a: s for a, s in mesh.shape.items() if a in sharding.AXES}
     spec = sharding.logical_to_spec(
         ("batch", "kv_heads"), (b, h), sizes, "fusion rows", replicate_indivisible=True
     )
-    if spec == P(None, None):
-        return None
     return P(spec[0], spec[1]), P(spec[0])
 
 
@@ -71,10 +69,11 @@ def fuse_rest(
         return ok.reshape(bl, hl, c, d), ov.reshape(bl, hl, c, d)
 
     mesh = jax.sharding.get_abstract_mesh()
-    specs = None if mesh.empty or mesh.manual_axes else row_specs(mesh, b, h)
-    if specs is None:
+    if mesh.empty or mesh.manual_axes:  # no mesh, or already inside a shard_map
         return mix(k, v, layers, n_valid)
-    rows, batch = specs
+    rows, batch = row_specs(mesh, b, h)
+    # Even when nothing divides (rows replicated, every device mixes all of them): a compiled
+    # Mosaic call cannot be partitioned by GSPMD, only placed inside a shard_map.
     # check_vma=False: a Pallas call has no replication rule; the conv weights' cotangent is
     # still summed over the shards by shard_map's transpose (they are replicated inputs).
     return jax.shard_map(

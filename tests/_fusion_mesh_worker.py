@@ -89,9 +89,11 @@ def model_vs_single(shape):
     }
 
 
-def fusion_collectives():
+def fusion_collectives(shape=(2, 2, 2)):
     """Compiled HLO collectives of the fusion alone on k, v [b=4, h=2, N=24, d=16] sharded as the
-    KV state on a 2x2x2 mesh (rows split over all 8 devices; the conv weights replicated)."""
+    KV state: on a 2x2x2 mesh the rows are split over all 8 devices; on 2x1x4 the 2 heads do
+    not divide tensor=4, so each row is on 4 devices (replicated there). Conv weights
+    replicated."""
     rng = np.random.default_rng(1)
     b, h, n, d, c, ks = 4, 2, 24, 16, 8, 3
     k = jnp.asarray(rng.standard_normal((b, h, n, d), np.float32))
@@ -99,8 +101,8 @@ def fusion_collectives():
     w = jnp.asarray(rng.standard_normal((ks, 2 * d, c), np.float32) * 0.2)
     bias = jnp.zeros((c,), jnp.float32)
     nv = jnp.asarray([24, 20, 9, 24], jnp.int32)
-    mesh = Mesh(np.asarray(jax.devices()).reshape(2, 2, 2), sharding.AXES)
-    rows = NamedSharding(mesh, P(("data", "fsdp"), "tensor"))
+    mesh = Mesh(np.asarray(jax.devices()).reshape(shape), sharding.AXES)
+    rows = NamedSharding(mesh, fusion.row_specs(mesh.abstract_mesh, b, h)[0])
     rep = NamedSharding(mesh, P())
     bsh = NamedSharding(mesh, P(("data", "fsdp")))
 
@@ -147,7 +149,7 @@ def fusion_collectives():
 
 def main() -> None:
     assert jax.device_count() == 8, jax.devices()
-    res = {"fusion": fusion_collectives()}
+    res = {"fusion": fusion_collectives(), "fusion_2x1x4": fusion_collectives((2, 1, 4))}
     res["model"] = model_vs_single((2, 2, 2))
     print("RESULT " + json.dumps(res), flush=True)
 

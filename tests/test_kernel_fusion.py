@@ -406,6 +406,11 @@ def test_fusion_runs_per_shard_on_a_mesh():
     assert f["per_shard_bwd"] == {**f["per_shard_fwd"], "all-reduce": 1}, f  # dW, db psum
     assert f["plain_fwd"]["all-gather"] > 0 and f["plain_bwd"]["all-gather"] > 0, f
     assert f["values_rel"] < 1e-5, f
+    # Heads replicated over tensor (they do not divide it): still no gather, same values and
+    # gradients (shard_map's transpose does not count the replicas' cotangents twice).
+    r = res["fusion_2x1x4"]
+    assert sum(r["per_shard_fwd"].values()) == 0 and r["per_shard_bwd"]["all-gather"] == 0, r
+    assert r["values_rel"] < 1e-5, r
     m = res["model"]
     assert m["shard_maps"] > 0, m
     assert m["loss_rel"] < 1e-5, m
