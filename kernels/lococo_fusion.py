@@ -198,7 +198,9 @@ class _Static:
 
 
 def _dot(a: jax.Array, b: jax.Array, dims: Any) -> jax.Array:
-    prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    # bf16 operands: an explicit DEFAULT, so a global jax_default_matmul_precision="highest"
+    # (the tests set it) does not ask Mosaic for an fp32 contraction of bf16 ("Bad lhs type").
+    prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else lax.Precision.DEFAULT
     return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
 
 
@@ -256,7 +258,9 @@ def _fwd_kernel(
 
     def body(i, carry):
         m, l, acc_k, acc_v = carry
-        start = pl.multiple_of(i * bn, bn)
+        # One tile: a static 0. Mosaic must prove a dynamic lane offset (the mask's last axis)
+        # a multiple of 128, which i * bn with bn < 128 is not.
+        start = 0 if n_tiles == 1 else pl.multiple_of(i * bn, bn)
         s, k_t, v_t = _tile_logits(
             kp_ref,
             vp_ref,
@@ -288,7 +292,10 @@ def _fwd_kernel(
         jnp.zeros((bc, d), jnp.float32),
         jnp.zeros((bc, d), jnp.float32),
     )
-    m, l, acc_k, acc_v = lax.fori_loop(0, n_tiles, body, init)
+    if n_tiles == 1:
+        m, l, acc_k, acc_v = body(0, init)
+    else:
+        m, l, acc_k, acc_v = lax.fori_loop(0, n_tiles, body, init)
     ok_ref[...] = (acc_k / l).astype(ok_ref.dtype)
     ov_ref[...] = (acc_v / l).astype(ov_ref.dtype)
     lse_ref[...] = m + jnp.log(l)
@@ -319,7 +326,8 @@ def _bwd_kernel(
     bc = st.block_c
     n_ctiles = ds_ref.shape[0] // bc
     d = dkd_ref.shape[-1]
-    start = pl.multiple_of(pl.program_id(1) * bn, bn)
+    one_tile = mask_ref.shape[-1] == bn  # static 0 (see _fwd_kernel)
+    start = 0 if one_tile else pl.multiple_of(pl.program_id(1) * bn, bn)
     valid = mask_ref[:, pl.ds(start, bn)] > 0.5  # [1, bn]
 
     def body(j, carry):
@@ -649,6 +657,13 @@ def conv_softmax_mix(
         backward=backward,
         platform=platform,
     )
+    if platform == "tpu" and interpret is False:
+        for name, blk in (("block_n", st.block_n), ("block_n_bwd", st.block_n_bwd)):
+            if blk < n and blk % 128:
+                raise ValueError(
+                    f"block_sizes.{name} {blk} < N = {n}: on TPU a tile of positions that is "
+                    "not the whole row must be a multiple of 128 (Mosaic's lane alignment)"
+                )
     return _fused_jit(k, v, w, b, valid_len.astype(jnp.int32), st)
 
 

@@ -416,3 +416,14 @@ def test_fusion_runs_per_shard_on_a_mesh():
     assert m["loss_rel"] < 1e-5, m
     assert max(m["grad_rel"].values()) < 1e-5, m["grad_rel"]
     assert m["grad_rel"].keys() >= {"['lococo']['convs'][0]['w']", "['layers']['wk']"}
+
+
+def test_tpu_tiles_must_be_lane_aligned():
+    """On TPU a position tile shorter than the row must be a multiple of 128 (Mosaic cannot prove
+    a dynamic lane offset aligned otherwise): named before lowering. A row that is one tile
+    (N <= block_n) may be any size; the kernel then reads it at a static offset."""
+    k, v, layers, vl = make_inputs(0, 2, 200, 64, 16, 3)
+    with pytest.raises(ValueError, match=r"block_sizes.block_n 64 < N = 200.*multiple of 128"):
+        conv_softmax_mix(
+            k, v, layers, vl, interpret=False, platform="tpu", block_sizes=BlockSizes(block_n=64)
+        )
