@@ -64,7 +64,12 @@ def perplexity(
     progress: bool = False,
     desc: str = "perplexity",
 ) -> PerplexityResult:
-    """Perplexity of tokens [L] read through the cache."""
+    """Perplexity of tokens [L] read through the cache (L >= 2: the first token is not scored)."""
+    if np.asarray(tokens).size < 2:
+        raise ValueError(
+            f"perplexity needs at least 2 tokens (the first one is not scored), got "
+            f"{np.asarray(tokens).size}"
+        )
     t0 = time.perf_counter()
     nll = nll_per_token(
         params, tokens, cfg, ccfg, segment_chunks=segment_chunks, progress=progress, desc=desc

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -94,15 +95,21 @@ def generate(
     lengths: np.ndarray | None = None,
     eos_id: int | None = None,
     progress: bool = False,
+    on_token: Callable[[np.ndarray], None] | None = None,
 ) -> Generation:
-    """Continue prompt [b, L] (rows may have their own ``lengths``) by up to max_new_tokens."""
+    """Continue prompt [b, L] (rows may have their own ``lengths``) by up to max_new_tokens.
+
+    on_token(ids [b]) is called with every new token as soon as it is sampled (streaming
+    output: text printed from it survives an interrupted run)."""
     prompt = np.asarray(prompt)
     if prompt.ndim == 1:
         prompt = prompt[None]
     b, L = prompt.shape
     lengths = np.full((b,), L) if lengths is None else np.asarray(lengths)
-    if (lengths < 1).any():
-        raise ValueError("every prompt needs at least one token")
+    if lengths.shape != (b,) or (lengths < 1).any() or (lengths > L).any():
+        raise ValueError(
+            f"every prompt needs at least one token (lengths in [1, {L}]), got {lengths}"
+        )
     longctx.check_fits_full(ccfg, int(lengths.max()) + sampling.max_new_tokens)
     t0 = time.perf_counter()
     bar = tqdm(total=int(lengths.sum()), desc="prefill", unit="tok", disable=not progress)
@@ -115,8 +122,11 @@ def generate(
     t1 = time.perf_counter()
     state, out = res.state, []
     done = np.zeros((b,), bool)
-    for _ in tqdm(range(sampling.max_new_tokens), desc="decode", disable=not progress):
+    quiet = not progress or on_token is not None  # a bar would cut into streamed text
+    for _ in tqdm(range(sampling.max_new_tokens), desc="decode", disable=quiet):
         out.append(np.asarray(token))
+        if on_token is not None:
+            on_token(out[-1])
         if eos_id is not None:
             done |= out[-1] == eos_id
             if done.all():

@@ -63,6 +63,7 @@ def test_convert_generate_perplexity(tiny_hf, tmp_path, capsys):
             TEXT,
             "--max-new-tokens",
             "6",
+            "--past-positions",  # the prompt is longer than the model's 256 positions
         ]
     )
     out = capsys.readouterr()
@@ -98,8 +99,54 @@ def test_convert_generate_perplexity(tiny_hf, tmp_path, capsys):
     assert not np.isclose(rows["full"]["perplexity"], rows["streaming"]["perplexity"], rtol=1e-6)
 
 
-def test_cli_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no_such_model"):
+def test_cli_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
         cli.main(["generate", "--model", str(tmp_path / "no_such_model"), "--prompt", "hi"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --model") and "no_such_model" in err and "Traceback" not in err
+    with pytest.raises(Exception, match="no_such_model"):  # --debug: the exception itself
+        cli.main(
+            ["generate", "--debug", "--model", str(tmp_path / "no_such_model"), "--prompt", "hi"]
+        )
     with pytest.raises(SystemExit):
         cli.main(["generate", "--policy", "nope", "--prompt", "hi"])
+
+
+def test_help_shows_defaults_and_describes_every_argument():
+    parser = cli.build_parser()
+    subs = parser._subparsers._group_actions[0].choices
+    for name, sub in subs.items():
+        text = sub.format_help()
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+        if name != "convert":
+            assert "(default: 128)" in text and "(default: smollm2)" in text, name
+
+
+def test_generate_streams_tokens_as_they_come(monkeypatch):
+    """on_token sees every token before the next decode step runs (the CLI prints from it, so
+    an interrupted run keeps its text)."""
+    from lococo_jax import generate, models
+    from lococo_jax.config import CompressionConfig
+
+    cfg, params, _ = models.load_model("tiny")
+    ccfg = CompressionConfig(policy="streaming", cache_size=16, chunk_size=8)
+    got, at_step = [], []
+    real = generate.decode_step
+
+    def step(*a, **k):
+        at_step.append(len(got))
+        return real(*a, **k)
+
+    monkeypatch.setattr(generate, "decode_step", step)
+    out = generate.generate(
+        params,
+        np.array([[104, 105, 32]]),
+        cfg,
+        ccfg,
+        generate.SamplingConfig(max_new_tokens=5),
+        on_token=lambda ids: got.append(int(ids[0])),
+    )
+    assert got == out.tokens[0].tolist()
+    assert at_step == [1, 2, 3, 4]  # token i was handed out before decode step i ran
