@@ -1,16 +1,18 @@
 """Orbax checkpoints of a training run, automatic resume, and exports.
 
 A checkpoint step directory holds three named items:
-    state   params + opt_state + step + rng (orbax StandardSave; restored into an abstract
-            target of jax.ShapeDtypeStruct with shardings, so each device reads its shards)
+    state   the train state: trainable (fp32) + opt_state + step + rng, never the frozen base
+            (orbax StandardSave; restored into an abstract target of jax.ShapeDtypeStruct
+            with shardings, so each device reads its shards)
     data    the data position {"epoch", "index"} (JSON)
-    config  the run's TrainConfig as a dict (JSON), compared with the current one before resume
+    config  the run's TrainConfig as a dict plus "base_model" (the base's fingerprint) (JSON),
+            compared with the current one before resume
 Orbax writes each step into a temporary directory and renames it once finalised, so the latest
 step the manager lists is always complete (a crash mid-save leaves no half checkpoint).
 Paths: local ones are expanded (~) and made absolute; URLs (gs://bucket/..., anything with
 "://") are kept as they are and handed to orbax as etils.epath.Path (gs:// needs gcsfs).
-Exports: ``export_compressors`` (params["lococo"] alone, safetensors via
-lococo_jax.compressors: small, committable) and ``save_pytree`` (e.g. LoRA-merged params, orbax).
+``save_pytree`` / ``load_pytree``: any params tree as one orbax directory. A run's exports
+(compressors, merged model, Hugging Face folder) are lococo_jax.train.export.
 """
 
 from __future__ import annotations
@@ -133,13 +135,6 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
     )
-
-
-def export_compressors(path: str | Path, params: dict, ccfg, meta: dict | None = None) -> Path:
-    """The trained compressors alone (params["lococo"]) as safetensors + CompressionConfig."""
-    from lococo_jax.compressors import save_compressors
-
-    return save_compressors(path, jax.device_get(params["lococo"]), ccfg, meta)
 
 
 def save_pytree(path: str | Path, tree: Any) -> epath.Path:

@@ -17,6 +17,8 @@ POLICIES = ("full", "streaming", "h2o", "tova", "lococo")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "identity")
 FUSION_IMPLS = ("auto", "pallas", "reference")
 NORMALIZERS = ("sigmoid", "clip", "official")
+# config.json key of a linear RoPE factor composed on top of llama3 scaling (ours only).
+LINEAR_FACTOR_KEY = "lococo_linear_factor"
 
 
 class ConfigError(ValueError):
@@ -39,6 +41,9 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # A linear scaling composed on top of llama3 (positions / linear_factor on the llama3
+    # frequencies): post-training context extension of a Llama 3 model. 1 = none.
+    linear_factor: float = 1.0
 
     def __post_init__(self):
         _check(
@@ -47,6 +52,12 @@ class RopeScaling:
             f"{self.rope_type!r} is not supported; use one of {ROPE_TYPES} or null",
         )
         _check(self.factor > 0, "rope_scaling.factor", f"must be > 0, got {self.factor}")
+        _check(
+            self.linear_factor > 0 and (self.rope_type == "llama3" or self.linear_factor == 1),
+            "rope_scaling.linear_factor",
+            f"composes only with llama3 scaling and must be > 0, got {self.linear_factor} "
+            f"with {self.rope_type}",
+        )
         if self.rope_type == "llama3":
             _check(
                 self.high_freq_factor > self.low_freq_factor,
@@ -65,9 +76,14 @@ class RopeScaling:
         for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
             if key in d:
                 kwargs[key] = d[key]
+        if LINEAR_FACTOR_KEY in d:
+            kwargs["linear_factor"] = float(d[LINEAR_FACTOR_KEY])
         return cls(**kwargs)
 
-    def to_hf(self) -> dict[str, Any]:
+    def to_hf(self, for_transformers: bool = False) -> dict[str, Any]:
+        """The config.json dict. A llama3 scaling with a composed linear factor is written with
+        the extra key LINEAR_FACTOR_KEY, which only this project reads; ``for_transformers``
+        refuses it instead (transformers would ignore the key and compute other logits)."""
         out: dict[str, Any] = {"rope_type": self.rope_type, "factor": self.factor}
         if self.rope_type == "llama3":
             out.update(
@@ -75,6 +91,14 @@ class RopeScaling:
                 high_freq_factor=self.high_freq_factor,
                 original_max_position_embeddings=self.original_max_position_embeddings,
             )
+        if self.linear_factor != 1.0:
+            _check(
+                not for_transformers,
+                "rope_scaling",
+                f"llama3 (factor {self.factor}) composed with linear x{self.linear_factor} has "
+                "no transformers equivalent",
+            )
+            out[LINEAR_FACTOR_KEY] = self.linear_factor
         return out
 
 
@@ -202,7 +226,9 @@ class LlamaConfig:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         return cls.from_hf_config(d, source=str(path))
 
-    def to_hf_config(self) -> dict[str, Any]:
+    def to_hf_config(self, for_transformers: bool = False) -> dict[str, Any]:
+        """config.json as transformers writes it (see RopeScaling.to_hf for for_transformers)."""
+        rope = self.rope_scaling.to_hf(for_transformers) if self.rope_scaling else None
         d: dict[str, Any] = {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -215,7 +241,7 @@ class LlamaConfig:
             "head_dim": self.head_dim,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
-            "rope_scaling": self.rope_scaling.to_hf() if self.rope_scaling else None,
+            "rope_scaling": rope,
             "tie_word_embeddings": self.tie_word_embeddings,
             "max_position_embeddings": self.max_position_embeddings,
             "attention_bias": self.attention_bias,
@@ -229,10 +255,20 @@ class LlamaConfig:
         return d
 
     def with_linear_rope_scaling(self, factor: float) -> LlamaConfig:
-        """Linear RoPE scaling (positions / factor), post-training tuning's extension."""
+        """Linear RoPE scaling (positions / factor), post-training tuning's extension, composed
+        with the model's own scaling: none -> linear(factor); linear(f) -> linear(f * factor);
+        llama3 -> llama3 with linear_factor multiplied by factor. Never replaces."""
+        _check(factor > 0, "rope_scaling.factor", f"a linear factor must be > 0, got {factor}")
         if factor == 1.0:
             return self
-        return dataclasses.replace(self, rope_scaling=RopeScaling("linear", float(factor)))
+        s = self.rope_scaling
+        if s is None:
+            new = RopeScaling("linear", float(factor))
+        elif s.rope_type == "linear":
+            new = dataclasses.replace(s, factor=s.factor * float(factor))
+        else:
+            new = dataclasses.replace(s, linear_factor=s.linear_factor * float(factor))
+        return dataclasses.replace(self, rope_scaling=new)
 
 
 @dataclasses.dataclass(frozen=True)

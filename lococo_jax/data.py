@@ -13,16 +13,24 @@ stream (separated by eos when given) and cut into samples of sample_len + 1 toke
 token is the last target; consecutive samples overlap by that one token). Each epoch visits
 the samples in a numpy permutation seeded by (seed, epoch); the position {"epoch", "index"}
 (plain ints, saved in checkpoints) resumes the exact order.
-Limitation: the packed stream lives in host memory (int32); for pg19-size corpora set
-max_documents or pre-shard.
+
+Scale (pg19: ~2B tokens): documents are read and tokenised one at a time and appended to an
+int32 token file (``TokenCache``, built once, atomically, keyed by the data and the tokenizer)
+that is then memory-mapped: host memory stays bounded by one document whatever the corpus
+size, and each host reads from the file only the rows of each batch that it feeds. Every host
+builds the cache once on its own disk (DataConfig.token_cache_dir; on a shared disk the first
+to finish wins and the others reuse it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
-from collections.abc import Sequence
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -49,6 +57,9 @@ class DataConfig:
     text_key: str = "text"
     max_documents: int | None = None
     shuffle: bool = True
+    # Where TokenCache writes; None: data_dir/tokens, or ~/.cache/lococo_jax/tokens when
+    # data_dir is a URL (gs://...: a memory map needs a local file).
+    token_cache_dir: str | None = None
 
     def __post_init__(self):
         from lococo_jax.config import ConfigError
@@ -184,41 +195,139 @@ def open_tfds(name: str, data_dir: str, split: str) -> Any:
         ) from None
 
 
-def load_documents(dcfg: DataConfig) -> list[str]:
-    """The documents' text (feature dcfg.text_key of each example), at most max_documents."""
+def _open_source(dcfg: DataConfig) -> tuple[Any, str]:
     if dcfg.source == "local":
         src = build_local(dcfg.files, dcfg.data_dir)
-        where = f"{LOCAL_NAME!r} (local files in {os.path.expanduser(dcfg.data_dir)!r})"
-    else:
-        src = open_tfds(dcfg.tfds_name, dcfg.data_dir, dcfg.split)
-        where = f"{dcfg.tfds_name!r} in {os.path.expanduser(dcfg.data_dir)!r}"
+        return src, f"{LOCAL_NAME!r} (local files in {os.path.expanduser(dcfg.data_dir)!r})"
+    src = open_tfds(dcfg.tfds_name, dcfg.data_dir, dcfg.split)
+    return src, f"{dcfg.tfds_name!r} in {os.path.expanduser(dcfg.data_dir)!r}"
+
+
+def iter_documents(dcfg: DataConfig) -> Iterator[str]:
+    """The documents' text (feature dcfg.text_key of each example), at most max_documents, one
+    at a time (random-access reads: only the current example is in memory)."""
+    src, where = _open_source(dcfg)
     n = len(src) if dcfg.max_documents is None else min(len(src), dcfg.max_documents)
-    docs = []
     for i in range(n):
         example = src[i]
         if dcfg.text_key not in example:
             raise _missing_key(where, dcfg.text_key, example.keys())
         text = example[dcfg.text_key]
-        docs.append(text.decode("utf-8") if isinstance(text, bytes) else str(text))
-    return docs
+        yield text.decode("utf-8") if isinstance(text, bytes) else str(text)
+
+
+def load_documents(dcfg: DataConfig) -> list[str]:
+    """All documents as a list (small corpora and tests; training streams iter_documents)."""
+    return list(iter_documents(dcfg))
+
+
+def _token_chunks(docs: Iterable[str], tokenizer: Tokenizer, eos_id: int | None):
+    for d in docs:
+        ids = list(tokenizer.encode(d))
+        if eos_id is not None:
+            ids.append(eos_id)
+        yield np.asarray(ids, np.int32)
+
+
+class PackedSamples:
+    """Samples [n, sample_len + 1] as a view of a token stream (an array or a memmap):
+    sample i = stream[i * sample_len : (i + 1) * sample_len + 1]. Indexing with an int array
+    reads only those rows."""
+
+    def __init__(self, stream: np.ndarray, sample_len: int):
+        n = (len(stream) - 1) // sample_len
+        if n < 1:
+            raise DataError(
+                f"the data has {len(stream)} tokens, fewer than one sample of {sample_len + 1}"
+            )
+        self.stream, self.sample_len, self.n = stream, sample_len, n
+        self.shape = (n, sample_len + 1)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        idx = np.arange(self.n)[rows] if not isinstance(rows, np.ndarray) else rows
+        offs = np.asarray(idx, np.int64)[..., None] * self.sample_len
+        return np.asarray(self.stream[offs + np.arange(self.sample_len + 1)], np.int32)
 
 
 def pack(docs: Sequence[str], tokenizer: Tokenizer, sample_len: int, eos_id: int | None = None):
-    """Tokens [num_samples, sample_len + 1] int32: consecutive windows of one token stream
-    (sample i = stream[i * sample_len : (i + 1) * sample_len + 1]); the tail is dropped."""
-    ids: list[int] = []
-    for d in docs:
-        ids += tokenizer.encode(d)
-        if eos_id is not None:
-            ids.append(eos_id)
-    stream = np.asarray(ids, np.int32)
-    n = (len(stream) - 1) // sample_len
-    if n < 1:
-        raise DataError(
-            f"the data has {len(stream)} tokens, fewer than one sample of {sample_len + 1}"
-        )
-    idx = np.arange(n)[:, None] * sample_len + np.arange(sample_len + 1)[None, :]
-    return stream[idx]
+    """Tokens [num_samples, sample_len + 1] int32 in memory (small corpora; see TokenCache)."""
+    chunks = list(_token_chunks(docs, tokenizer, eos_id))
+    stream = np.concatenate(chunks) if chunks else np.zeros(0, np.int32)
+    return PackedSamples(stream, sample_len)[np.arange(max((len(stream) - 1) // sample_len, 0))]
+
+
+def tokenizer_id(tokenizer: Any) -> str:
+    """A digest naming a tokenizer's vocabulary and rules (its serialised form where it has
+    one), so a token cache is never reused across tokenizers."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    ident = backend.to_str() if backend is not None else type(tokenizer).__name__
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def _data_id(dcfg: DataConfig) -> dict[str, Any]:
+    if dcfg.source == "local":
+        h = hashlib.sha256()
+        for p in _txt_files(dcfg.files):
+            h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+        ident: dict[str, Any] = {"local": h.hexdigest()[:16]}
+    else:
+        ident = {"tfds": dcfg.tfds_name, "split": dcfg.split, "data_dir": dcfg.data_dir}
+    return ident | {"text_key": dcfg.text_key, "max_documents": dcfg.max_documents}
+
+
+class TokenCache:
+    """The tokenised corpus as one int32 file ``tokens.bin`` (+ ``meta.json``) in
+    token_cache_dir/<key>, key = digest of the data, the tokenizer and eos. ``build`` streams
+    documents through the tokenizer into a temporary sibling folder and renames it into place,
+    so a killed build leaves no cache (its temporary is removed, or, after a SIGKILL, swept by
+    the next build). Memory: one document at a time, whatever the corpus size."""
+
+    def __init__(self, dcfg: DataConfig, tokenizer: Tokenizer, eos_id: int | None):
+        key = {"data": _data_id(dcfg), "tokenizer": tokenizer_id(tokenizer), "eos": eos_id}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        root = dcfg.token_cache_dir
+        if root is None:
+            url = "://" in dcfg.data_dir
+            root = "~/.cache/lococo_jax/tokens" if url else os.path.join(dcfg.data_dir, "tokens")
+        self.root = Path(os.path.expanduser(root))
+        self.dir, self.key = self.root / f"tokens_{digest}", key
+        self.dcfg, self.tokenizer, self.eos_id = dcfg, tokenizer, eos_id
+
+    def exists(self) -> bool:
+        return (self.dir / "meta.json").is_file()
+
+    def build(self, progress: bool = False) -> None:
+        if self.exists():
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(f".{self.dir.name}.tmp-*"):  # from a SIGKILLed build
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{self.dir.name}.tmp-", dir=self.root))
+        try:
+            n_docs = n_tokens = 0
+            with open(tmp / "tokens.bin", "wb") as f:
+                for ids in _token_chunks(iter_documents(self.dcfg), self.tokenizer, self.eos_id):
+                    f.write(ids.tobytes())
+                    n_docs, n_tokens = n_docs + 1, n_tokens + len(ids)
+            meta = {"key": self.key, "documents": n_docs, "tokens": n_tokens}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+            try:
+                os.replace(tmp, self.dir)
+            except OSError:
+                if not self.exists():  # not another host's finished build
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def stream(self) -> np.ndarray:
+        """The token stream, memory-mapped (read-only)."""
+        n = json.loads((self.dir / "meta.json").read_text())["tokens"]
+        if n == 0:
+            return np.zeros(0, np.int32)
+        return np.memmap(self.dir / "tokens.bin", np.int32, mode="r", shape=(n,))
 
 
 class Loader:
@@ -231,7 +340,7 @@ class Loader:
 
     def __init__(
         self,
-        samples: np.ndarray,
+        samples: np.ndarray | PackedSamples,
         batch_size: int,
         seed: int,
         shuffle: bool = True,
@@ -282,7 +391,8 @@ def make_loader(
     seed: int,
     rows: np.ndarray | None = None,
 ) -> Loader:
-    """Loader of global batches of batch_size (or, with ``rows``, this process's rows of them)."""
-    eos = getattr(tokenizer, "eos_token_id", None)
-    samples = pack(load_documents(dcfg), tokenizer, sample_len, eos)
-    return Loader(samples, batch_size, seed, dcfg.shuffle, rows)
+    """Loader of global batches of batch_size (or, with ``rows``, this process's rows of them),
+    reading the memory-mapped TokenCache (built first if absent)."""
+    cache = TokenCache(dcfg, tokenizer, getattr(tokenizer, "eos_token_id", None))
+    cache.build()
+    return Loader(PackedSamples(cache.stream(), sample_len), batch_size, seed, dcfg.shuffle, rows)

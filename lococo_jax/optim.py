@@ -1,10 +1,11 @@
 """AdamW with per-group learning rates for the two LoCoCo training modes.
 
 Groups (DESIGN.md "Training"): "lococo" (the compressors, lr * memory_lr_scale), "norms_embed"
-(token embeddings and RMSNorm weights, lr * norm_lr_scale), "lora" (adapters, lr, only in
-post_training mode) and "frozen" (everything else: optax.set_to_zero, no optimiser state).
-Gradient clipping is by the global norm of the trainable gradients; gradient accumulation
-(optax.MultiSteps) wraps only the trainable part, so frozen params get no accumulator either.
+(token embeddings and RMSNorm weights, lr * norm_lr_scale) and "lora" (adapters, lr, only in
+post_training mode). The optimiser sees only the trainable tree (lococo_jax.train.state):
+frozen params are not an input, so they have no optimiser state and cannot move. Gradient
+clipping is by the global norm of the trainable gradients; gradient accumulation is
+optax.MultiSteps.
 One call of the returned transformation is one micro-batch; the schedule counts real updates.
 """
 
@@ -20,7 +21,6 @@ from lococo_jax.config import ConfigError
 
 MODES = ("inference", "post_training")
 DECAYS = ("cosine", "linear", "constant")
-GROUPS = ("lococo", "norms_embed", "lora", "frozen")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,29 +61,6 @@ class OptimConfig:
         check(0 <= self.end_lr_ratio <= 1, "end_lr_ratio", "must be in [0, 1]")
 
 
-def _path_names(path) -> list[str]:
-    return [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]
-
-
-def label_of(path_names: list[str], mode: str, train_norms_embed: bool = True) -> str:
-    """The group of one param, from its path in the params tree."""
-    top = path_names[0]
-    if top == "lococo":
-        return "lococo"
-    if top == "lora":
-        return "lora" if mode == "post_training" else "frozen"
-    if top == "embed" or "norm" in path_names[-1] or top == "final_norm":
-        return "norms_embed" if train_norms_embed else "frozen"
-    return "frozen"
-
-
-def param_labels(params: Any, mode: str, train_norms_embed: bool = True) -> Any:
-    """A tree like params whose leaves are group names."""
-    return jax.tree_util.tree_map_with_path(
-        lambda p, _: label_of(_path_names(p), mode, train_norms_embed), params
-    )
-
-
 def schedule(ocfg: OptimConfig) -> optax.Schedule:
     """Linear warmup from 0 to lr, then cosine / linear decay to lr * end_lr_ratio (or flat)."""
     end = ocfg.lr * ocfg.end_lr_ratio
@@ -102,27 +79,22 @@ def schedule(ocfg: OptimConfig) -> optax.Schedule:
 
 
 def make_optimizer(ocfg: OptimConfig, labels: Any) -> optax.GradientTransformation:
-    """The optimiser for a params tree with ``labels`` (see param_labels)."""
+    """The optimiser of the trainable tree whose leaves are labelled with ``labels`` (a tree
+    like it of group names: "lococo", "norms_embed", "lora"); frozen params are not in it."""
     base = schedule(ocfg)
     scales = {"lococo": ocfg.memory_lr_scale, "norms_embed": ocfg.norm_lr_scale, "lora": 1.0}
+    present = set(jax.tree.leaves(labels))
+    if not present or not present <= set(scales):
+        raise ValueError(f"labels must be a non-empty subset of {sorted(scales)}, got {present}")
 
     def adamw(scale: float) -> optax.GradientTransformation:
         return optax.adamw(
             lambda n: base(n) * scale, ocfg.b1, ocfg.b2, ocfg.eps, weight_decay=ocfg.weight_decay
         )
 
-    present = set(jax.tree.leaves(labels))
-    groups = {g: adamw(scales[g]) for g in ("lococo", "norms_embed", "lora") if g in present}
-    # The inner transform sees the trainable leaves only (frozen ones are optax.MaskedNode).
-    trainable_labels = jax.tree.map(lambda lab: "lococo" if lab == "frozen" else lab, labels)
-    inner = optax.multi_transform(groups, trainable_labels) if groups else optax.identity()
+    tx = optax.multi_transform({g: adamw(scales[g]) for g in sorted(present)}, labels)
     if ocfg.clip_norm is not None:
-        inner = optax.chain(optax.clip_by_global_norm(ocfg.clip_norm), inner)
+        tx = optax.chain(optax.clip_by_global_norm(ocfg.clip_norm), tx)
     if ocfg.grad_accum > 1:
-        inner = optax.MultiSteps(inner, ocfg.grad_accum)
-    top = jax.tree.map(lambda lab: "frozen" if lab == "frozen" else "train", labels)
-    return optax.multi_transform({"train": inner, "frozen": optax.set_to_zero()}, top)
-
-
-def trainable_mask(labels: Any) -> Any:
-    return jax.tree.map(lambda lab: lab != "frozen", labels)
+        tx = optax.MultiSteps(tx, ocfg.grad_accum)
+    return tx

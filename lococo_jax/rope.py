@@ -29,7 +29,7 @@ def inv_frequencies(cfg: LlamaConfig) -> np.ndarray:
         )
         smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        return np.where(medium, smoothed, scaled)
+        return np.where(medium, smoothed, scaled) / s.linear_factor
     raise ValueError(f"unknown rope_type {s.rope_type!r}")
 
 

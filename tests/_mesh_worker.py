@@ -26,7 +26,13 @@ jax.config.update("jax_default_matmul_precision", "highest")
 from lococo_jax import data, train  # noqa: E402
 from lococo_jax.tokenizer import ByteTokenizer  # noqa: E402
 
-MESHES = [(8, 1, 1), (2, 2, 2), (1, 4, 2)]
+# (data, fsdp, tensor, fusion_impl): the last runs the Pallas kernel (interpret mode) per shard.
+MESHES = [
+    (8, 1, 1, "reference"),
+    (2, 2, 2, "reference"),
+    (1, 4, 2, "reference"),
+    (2, 2, 2, "pallas"),
+]
 
 
 def run(tcfg: train.TrainConfig, devices, batches):
@@ -34,9 +40,9 @@ def run(tcfg: train.TrainConfig, devices, batches):
     ts, step = r.init_ts(), train.make_train_step(r)
     losses = []
     for b in batches:
-        ts, m = step(ts, jax.device_put(b, r.batch_sharding))
+        ts, m = step(ts, r.base, jax.device_put(b, r.batch_sharding))
         losses.append(float(m["loss"]))
-    return losses, jax.tree.map(np.asarray, ts["params"]), r
+    return losses, jax.tree.map(np.asarray, ts["trainable"]), r
 
 
 def main() -> None:
@@ -50,10 +56,11 @@ def main() -> None:
         base.__class__(**{**base.__dict__, "mesh_data": 1}), devs[:1], batches
     )
     out = {}
-    for d, f, t in MESHES:
-        tcfg = base.__class__(**{**base.__dict__, "mesh_data": d, "mesh_fsdp": f, "mesh_tensor": t})
+    for d, f, t, impl in MESHES:
+        mesh = {"mesh_data": d, "mesh_fsdp": f, "mesh_tensor": t, "fusion_impl": impl}
+        tcfg = base.__class__(**{**base.__dict__, **mesh})
         losses, params, r = run(tcfg, devs, batches)
-        wq = r.ts_shardings["params"]["layers"]["wq"].spec
+        wq = r.base_shardings["layers"]["wq"].spec
         loss_rel = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True))
         p_rel = max(
             float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
@@ -63,7 +70,7 @@ def main() -> None:
             float(np.max(np.abs(a - b)))
             for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params), strict=True)
         )
-        out[f"{d}x{f}x{t}"] = {
+        out[f"{d}x{f}x{t}" + ("-pallas" if impl == "pallas" else "")] = {
             "loss_rel": loss_rel,
             "param_rel": p_rel,
             "max_abs": changed,
@@ -85,6 +92,7 @@ def config(data_file: str, data_dir: str, **kw) -> train.TrainConfig:
         lr=1e-3,
         memory_lr_scale=10.0,
         progress=False,
+        fusion_impl="reference",
     )
     return train.TrainConfig(**{**base, **kw})
 
@@ -106,7 +114,7 @@ def multi_main() -> None:
     out = train.train(tcfg)
     assert jax.process_count() == 2 and jax.device_count() == 8, jax.devices()
     rows = train.process_rows(out["run"].batch_sharding, (8, tcfg.sample_len + 1))
-    params = multihost_utils.process_allgather(out["state"]["params"], tiled=True)
+    params = multihost_utils.process_allgather(out["state"]["trainable"], tiled=True)
     if pid == 0:
         flat = jax.tree_util.tree_flatten_with_path(params)[0]
         np.savez(

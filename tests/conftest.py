@@ -53,3 +53,34 @@ def smollm2(tmp_path_factory):
     cache = tmp_path_factory.mktemp("lococo_cache") / "smollm2"
     cfg, params, tok = models.load_default_model(cache_dir=cache)
     return cfg, params, tok, cache
+
+
+def make_tiny_hf(folder, **config) -> None:
+    """A tiny random transformers LlamaForCausalLM with a character-level tokenizer (printable
+    ASCII, vocab 128) saved as a Hugging Face folder; ``config`` overrides LlamaConfig fields."""
+    import torch
+    import transformers
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, **{chr(c): c - 31 for c in range(32, 127)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]").save_pretrained(
+        folder
+    )
+    torch.manual_seed(0)
+    kw = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_id=None,
+        bos_token_id=None,
+    )
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**kw, **config})).save_pretrained(
+        folder
+    )

@@ -13,6 +13,7 @@ import pytest
 from lococo_jax import checkpoint, llama, lora, policies
 from lococo_jax.compressors import load_compressors
 from lococo_jax.config import CompressionConfig, LlamaConfig
+from lococo_jax.train import export
 
 CFG = LlamaConfig(
     vocab_size=64,
@@ -56,7 +57,7 @@ def test_export_compressors_and_merged_lora(tmp_path):
     ccfg = CompressionConfig(cache_size=16, chunk_size=8, kernel_size=3)
     params = llama.init_params(CFG, jax.random.PRNGKey(0), std=0.1)
     params["lococo"] = policies.init_params(jax.random.PRNGKey(1), CFG, ccfg)
-    path = checkpoint.export_compressors(tmp_path / "c.safetensors", params, ccfg)
+    path = export.export_compressors(tmp_path / "c.safetensors", params, ccfg)
     loaded, ccfg2, _ = load_compressors(path, CFG)
     assert ccfg2 == ccfg
     np.testing.assert_array_equal(loaded["convs"][0]["w"], params["lococo"]["convs"][0]["w"])

@@ -100,3 +100,33 @@ def test_loader_rows_split_the_global_batch(docs):
         np.testing.assert_array_equal(np.concatenate([a, b]), f)
     with pytest.raises(data.DataError, match="not indices into a batch of 4"):
         data.Loader(samples, 4, seed=3, rows=np.array([4]))
+
+
+def test_token_cache_packs_exactly_like_pack_and_streams_from_disk(tmp_path):
+    """The memory-mapped cache gives the same samples as the in-memory packer on the Austen
+    text, reads only the rows asked for, is keyed by data + tokenizer, and a killed build's
+    temporaries are swept by the next build."""
+    austen = Path(__file__).resolve().parents[1] / "data" / "austen"
+    files = (str(austen / "persuasion.txt"), str(austen / "northangerabbey.txt"))
+    dcfg = data.DataConfig(files=files, data_dir=str(tmp_path / "tfds"))
+    tok = ByteTokenizer()
+    ref = data.pack(data.load_documents(dcfg), tok, 512)
+    cache = data.TokenCache(dcfg, tok, None)
+    stale = cache.root / f".{cache.dir.name}.tmp-killed"
+    stale.mkdir(parents=True)
+    cache.build()
+    assert not stale.exists() and cache.exists()
+    stream = cache.stream()
+    assert isinstance(stream, np.memmap) and stream.dtype == np.int32
+    packed = data.PackedSamples(stream, 512)
+    assert packed.shape == ref.shape
+    rows = np.array([0, 7, len(ref) - 1, 3])
+    np.testing.assert_array_equal(packed[rows], ref[rows])
+    np.testing.assert_array_equal(packed[np.arange(len(ref))], ref)
+    # Another tokenizer or eos: another cache.
+    assert data.TokenCache(dcfg, tok, 0).dir != cache.dir
+    # The loader reads through it: the same batches as over the in-memory samples.
+    loader = data.make_loader(dcfg, tok, 512, 4, seed=3)
+    mem = data.Loader(ref, 4, seed=3)
+    for _ in range(3):
+        np.testing.assert_array_equal(loader.next(), mem.next())
