@@ -8,7 +8,10 @@ A variant is comma-separated key=value pairs:
   local_len=INT, hh_keep_rate=FLOAT   override the file's compression config (hh_keep_rate
                  changes the conv's shape: only with file=none)
   label=TEXT     the row's name (default: the pairs themselves)
-Rows are appended to the JSON as they finish (an interrupted run resumes by label).
+Ablations are choices, so the default text is the validation text (northangerabbey.txt).
+Rows are keyed by everything that determines them (lococo_jax.results: text hash, length, model
+and weights hash, compressor file hash, config, the a override), not by label; they go to a new
+run folder unless --out names a file (resumed) or --write updates experiments/results/.
 
     python experiments/ablate_lococo.py --cache-size 128 --length 4096 \\
         --variant "label=committed" --variant "a=0" --variant "a=0,local_len=64"
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -26,12 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lococo_jax import compressors, evaluate, policies
+from lococo_jax import compressors, evaluate, policies, results
 from lococo_jax.config import CompressionConfig
 from lococo_jax.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "experiments" / "results"
 KEYS = {"file", "a", "local_len", "hh_keep_rate", "label"}
 
 
@@ -73,51 +74,63 @@ def build(params, cfg, M: int, B: int, v: dict[str, str]):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--text", default=str(ROOT / "data/austen/prideprejudice.txt"))
+    ap.add_argument("--text", default=str(ROOT / "data/austen/northangerabbey.txt"))
     ap.add_argument("--cache-size", type=int, default=128)
     ap.add_argument("--chunk-size", type=int, default=128)
     ap.add_argument("--length", type=int, default=4096, help="ppl at 1K, 2K, ... up to this")
     ap.add_argument("--variant", action="append", required=True, help="see above")
-    ap.add_argument("--out", default=None, help="default: results/ablation_m{M}.json")
+    ap.add_argument("--out", default=None, help="result JSON (resumed); default: a new run folder")
+    ap.add_argument(
+        "--write", action="store_true", help="write experiments/results/ablation_m{M}.*"
+    )
     args = ap.parse_args()
     M, B, Lmax = args.cache_size, args.chunk_size, args.length
     variants = [parse_variant(s) for s in args.variant]
-    out = Path(args.out or RESULTS / f"ablation_m{M}.json")
+    store = results.ResultStore(results.output_path(f"ablation_m{M}.json", args.out, args.write))
+    print(f"results -> {store.path}", flush=True)
 
     cfg, params, tok = load_model("smollm2")
+    model_fp = results.model_fingerprint(cfg, params, "smollm2")
+    text = results.text_fingerprint(args.text)
     ids = np.asarray(
         tok.encode(Path(args.text).read_text(encoding="utf-8"), add_special_tokens=False), np.int32
     )[:Lmax]
     lengths = [L for L in (1024, 2048, 4096, 8192, 16384) if L <= Lmax]
-    done = json.loads(out.read_text()) if out.exists() else {"rows": []}
-    done.update(text=Path(args.text).name, cache_size=M, chunk_size=B, length=Lmax)
-    done["device"] = jax.devices()[0].device_kind
-    have = {r["label"] for r in done["rows"]}
+    rows = []
     for v in variants:
-        if v["label"] in have:
-            continue
         p, ccfg, path = build(params, cfg, M, B, v)
-        t0 = time.perf_counter()
-        nll = evaluate.nll_per_token(p, ids, cfg, ccfg, progress=True, desc=v["label"])
-        a = np.clip(np.asarray(p["lococo"]["normalizer"]), 0.0, 1.0)
-        row = dict(
-            label=v["label"],
-            file=path,
-            sha256=path and compressors.file_sha256(ROOT / path),
-            compression_config=dataclasses.asdict(ccfg),
-            a_mean=float(a.mean()),
-            seconds=time.perf_counter() - t0,
-            ppl=evaluate.prefix_perplexities(nll, lengths),
-        )
-        done["rows"].append(row)
-        have.add(v["label"])
-        print(row["label"], {k: round(x, 3) for k, x in row["ppl"].items()}, flush=True)
-        out.write_text(json.dumps(done, indent=1))
+        key = {
+            "benchmark": "ablation",
+            "text": text,
+            "length": Lmax,
+            "model": model_fp,
+            "compressors": path and {"file": path, "sha256": compressors.file_sha256(ROOT / path)},
+            "config": dataclasses.asdict(ccfg),
+            "a": v.get("a"),
+        }
+        row = store.get(key)
+        if row is None:
+            t0 = time.perf_counter()
+            nll = evaluate.nll_per_token(p, ids, cfg, ccfg, progress=True, desc=v["label"])
+            a = np.clip(np.asarray(p["lococo"]["normalizer"]), 0.0, 1.0)
+            row = store.put(
+                key,
+                dict(
+                    label=v["label"],
+                    file=path,
+                    compression_config=dataclasses.asdict(ccfg),
+                    a_mean=float(a.mean()),
+                    seconds=time.perf_counter() - t0,
+                    ppl=evaluate.prefix_perplexities(nll, lengths),
+                ),
+            )
+            print(row["label"], {k: round(x, 3) for k, x in row["ppl"].items()}, flush=True)
+        rows.append(row)
 
     head = "| variant | file | r | local | k | conv layers | mean a | "
     lines = [head + " | ".join(f"{L // 1024}K" for L in lengths) + " |"]
     lines.append("|---" * (7 + len(lengths)) + "|")
-    for r in done["rows"]:
+    for r in rows:
         c = r["compression_config"]
         name = r["file"] or "random init"
         vals = " | ".join(f"{r['ppl'].get(str(L), float('nan')):.2f}" for L in lengths)
@@ -127,11 +140,14 @@ def main() -> None:
         )
     md = "\n".join(lines)
     print("\n" + md)
-    out.with_suffix(".md").write_text(
+    prov = sorted({(r["provenance"]["command"], r["provenance"]["device"]) for r in rows})
+    store.path.with_suffix(".md").write_text(
         f"LoCoCo ablations at M = {M}, B = {B}: perplexity of the first L tokens of "
-        f"{done['text']} (held out), device {done['device']}.\n\n{md}\n"
+        f"{text['name']} ({results.text_split(args.text)}).\n\n{md}\n\nCommands and devices:\n"
+        + "\n".join(f"- `{a}` on {d}" for a, d in prov)
+        + "\n"
     )
-    print(f"wrote {out}, {out.with_suffix('.md')}")
+    print(f"wrote {store.path}, {store.path.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -1,26 +1,34 @@
 """Passkey retrieval: a 5-digit key hidden at a random depth in filler text, asked for at the
-end; greedy decoding; accuracy over --trials prompts per (policy, M, length) cell.
+end; greedy decoding; accuracy over --trials prompts per (policy, M, length) cell, at fixed
+cache sizes and at kept fractions (--fractions: M = fraction * length).
 
-Cells are appended to the JSON as they finish (an interrupted run resumes).
+Every cell is keyed by everything that determines it (lococo_jax.results: length, trials, seed,
+model and weights hash, compressor hash, every config field): another seed or trial count is a
+new cell, never an old number under a new header. Results go to a new run folder unless --out
+names a file (resumed) or --write updates experiments/results/passkey.*.
 
     python experiments/eval_passkey.py                                   # 1K..8K, M=128
     python experiments/eval_passkey.py --lengths 1024 --trials 20 --policies full lococo
+    python experiments/eval_passkey.py --lengths 2048 --cache-sizes --fractions 1/8 1/4
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import time
+from fractions import Fraction
 from pathlib import Path
 
-import jax
+import _policy_args
 
-from lococo_jax import compressors, evaluate
-from lococo_jax.config import CompressionConfig
+from lococo_jax import compressors, evaluate, results
 from lococo_jax.models import load_model
 
-RESULTS = Path(__file__).resolve().parent / "results"
+
+def _label(c: dict) -> str:
+    name = _policy_args.describe(c["key_fields"]["config"])
+    return name + (" (untrained)" if c.get("trained") is False else "")
 
 
 def plot(cells: list[dict], path: Path) -> None:
@@ -30,13 +38,23 @@ def plot(cells: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    names = sorted({(c["policy"], c["cache_size"]) for c in cells})
+
+    def col(c):
+        return (
+            "all"
+            if c["policy"] == "full"
+            else c["cache_size"]
+            if c["fraction"] is None
+            else (f"{Fraction(c['fraction']).limit_denominator(1024)} L")
+        )
+
+    names = sorted({(_label(c), str(col(c))) for c in cells})
     for pol, M in names:
         rs = sorted(
-            (c for c in cells if (c["policy"], c["cache_size"]) == (pol, M)),
+            (c for c in cells if (_label(c), str(col(c))) == (pol, M)),
             key=lambda c: c["length"],
         )
-        label = pol if pol == "full" else f"{pol} M={M}"
+        label = pol if M == "all" else f"{pol} M={M}"
         ax.plot([c["length"] for c in rs], [c["accuracy"] for c in rs], "o-", label=label)
     ax.set_xscale("log", base=2)
     ax.set_ylim(-0.05, 1.05)
@@ -51,35 +69,45 @@ def plot(cells: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    ap.add_argument("--policies", nargs="+", default=["full", "streaming", "h2o", "tova", "lococo"])
-    ap.add_argument("--cache-sizes", type=int, nargs="+", default=[128])
+    ap.add_argument("--policies", nargs="+", default=_policy_args.POLICIES)
+    ap.add_argument("--cache-sizes", type=int, nargs="*", default=[128])
+    ap.add_argument("--fractions", type=Fraction, nargs="*", default=[], help="e.g. 1/8 1/4")
     ap.add_argument("--chunk-size", type=int, default=128)
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(RESULTS / "passkey.json"))
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--out", default=None, help="result JSON (resumed); default: a new run folder")
+    ap.add_argument("--write", action="store_true", help="write experiments/results/passkey.*")
+    _policy_args.add(ap)
     args = ap.parse_args()
 
-    cfg, params, tok = load_model("smollm2")
-    out = Path(args.out)
-    done = json.loads(out.read_text()) if out.exists() else {"cells": []}
+    cfg, params, tok = load_model(args.model)
+    model_fp = results.model_fingerprint(cfg, params, args.model)
+    store = results.ResultStore(results.output_path("passkey.json", args.out, args.write))
+    print(f"results -> {store.path}", flush=True)
     B = args.chunk_size
-    done["cells"] = [c for c in done["cells"] if compressors.is_current(c, B)]
-    have = {(c["policy"], c["cache_size"], c["length"]) for c in done["cells"]}
-    done.update(
-        device=jax.devices()[0].device_kind,
-        trials=args.trials,
-        seed=args.seed,
-        model="SmolLM2-135M-Instruct (GGUF Q4_1)",
-    )
     for L in args.lengths:
         for policy in args.policies:
-            for M in [0] if policy == "full" else args.cache_sizes:
-                if (policy, M, L) in have:
-                    continue
-                size = L + 16 if policy == "full" else M
-                ccfg = CompressionConfig(policy=policy, cache_size=size, chunk_size=args.chunk_size)
+            if policy == "full":
+                sizes = [(L + 16, None)]
+            else:
+                sizes = [(M, None) for M in args.cache_sizes]
+                sizes += [(int(f * L), float(f)) for f in args.fractions]
+            runs = [(m, f, c) for m, f in sizes for c in _policy_args.configs(args, policy, m, B)]
+            for M, frac, ccfg in runs:
                 p, ccfg, trained = compressors.with_policy_params(params, cfg, ccfg)
+                key = {
+                    "benchmark": "passkey",
+                    "length": L,
+                    "trials": args.trials,
+                    "seed": args.seed,
+                    "model": model_fp,
+                    "compressors": compressors.provenance(policy, M, B) if trained else None,
+                    "config": dataclasses.asdict(ccfg),
+                }
+                if store.get(key) is not None:
+                    continue
                 t0 = time.perf_counter()
                 res = evaluate.passkey_accuracy(
                     p,
@@ -92,41 +120,59 @@ def main() -> None:
                     batch_size=args.batch_size,
                     progress=True,
                 )
-                cell = dict(
-                    policy=policy,
-                    cache_size=M,
-                    length=L,
-                    trained=trained,
-                    compressors=compressors.provenance(policy, M, B),
-                    seconds=time.perf_counter() - t0,
-                    **res,
+                store.put(
+                    key,
+                    dict(
+                        policy=policy,
+                        cache_size=M,
+                        fraction=frac,
+                        length=L,
+                        trained=trained,
+                        seconds=time.perf_counter() - t0,
+                        **res,
+                    ),
                 )
-                done["cells"].append(cell)
-                have.add((policy, M, L))
-                print(f"{policy} M={M} L={L}: {res['accuracy']:.2f}", flush=True)
-                out.write_text(json.dumps(done, indent=1))
+                name = _policy_args.describe(ccfg)
+                print(f"{name} M={M} L={L}: {res['accuracy']:.2f}", flush=True)
 
-    lengths = sorted({c["length"] for c in done["cells"]})
-    lines = [
-        "| policy | M | " + " | ".join(f"{L // 1024}K" for L in lengths) + " |",
-        "|---" * (2 + len(lengths)) + "|",
-    ]
-    for pol, M in sorted({(c["policy"], c["cache_size"]) for c in done["cells"]}):
-        acc = {
-            c["length"]: c["accuracy"]
-            for c in done["cells"]
-            if (c["policy"], c["cache_size"]) == (pol, M)
-        }
-        vals = " | ".join(f"{acc[L]:.2f}" if L in acc else "-" for L in lengths)
-        lines.append(f"| {pol} | {'all' if pol == 'full' else M} | {vals} |")
-    md = "\n".join(lines)
+    md = report(store)
     print("\n" + md)
-    out.with_suffix(".md").write_text(
-        f"Passkey retrieval accuracy, {args.trials} trials per cell (seed {args.seed}), "
-        f"B = {args.chunk_size}, device {done['device']}.\n\n{md}\n"
-    )
-    plot(done["cells"], out.with_suffix(".png"))
-    print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
+    store.path.with_suffix(".md").write_text(md)
+    plot([c for c in store.cells if "key" in c], store.path.with_suffix(".png"))
+    print(f"wrote {store.path}, {store.path.with_suffix('.md')}, {store.path.with_suffix('.png')}")
+
+
+def report(store: results.ResultStore) -> str:
+    """One table per (trials, seed): the header comes from the cells' own key fields."""
+    cells = [c for c in store.cells if "key" in c]
+    out = []
+    groups = sorted({(c["key_fields"]["trials"], c["key_fields"]["seed"]) for c in cells})
+    for trials, seed in groups:
+        here = [
+            c
+            for c in cells
+            if (c["key_fields"]["trials"], c["key_fields"]["seed"]) == (trials, seed)
+        ]
+        lengths = sorted({c["length"] for c in here})
+
+        def col(c):
+            if c["policy"] == "full":
+                return "all"
+            if c["fraction"] is None:
+                return str(c["cache_size"])
+            return f"{Fraction(c['fraction']).limit_denominator(1024)} L"
+
+        out.append(f"### Passkey accuracy, {trials} trials per cell, seed {seed}\n")
+        out.append("| policy | M | " + " | ".join(f"{L // 1024}K" for L in lengths) + " |")
+        out.append("|---" * (2 + len(lengths)) + "|")
+        for name, M in sorted({(_label(c), col(c)) for c in here}):
+            acc = {c["length"]: c["accuracy"] for c in here if (_label(c), col(c)) == (name, M)}
+            vals = " | ".join(f"{acc[L]:.2f}" if L in acc else "-" for L in lengths)
+            out.append(f"| {name} | {M} | {vals} |")
+        out.append("")
+    prov = sorted({(c["provenance"]["command"], c["provenance"]["device"]) for c in cells})
+    out.append("Commands and devices:\n" + "\n".join(f"- `{a}` on {d}" for a, d in prov))
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":

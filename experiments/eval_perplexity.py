@@ -1,35 +1,42 @@
-"""Perplexity vs input length for every policy and cache size on held-out text.
+"""Perplexity vs input length for every policy, at fixed cache sizes and at kept fractions.
 
 Reading is causal and front to back, so one pass over the longest length gives the perplexity
-of every prefix: ppl(L) = exp(mean NLL of the first L - 1 next-token predictions). Each
-(policy, M, RoPE factor) cell is one pass; results are appended to the JSON as they finish, so
-an interrupted run resumes where it stopped.
+of every prefix: ppl(L) = exp(mean NLL of the first L - 1 next-token predictions). A fixed-M cell
+is one pass over max(--lengths); a kept-fraction cell (--fractions, M = fraction * L) is one
+pass over the first L tokens per length. Every cell is keyed by everything that determines it
+(lococo_jax.results: text hash, lengths, model and weights hash, compressor hash, every config
+field), so a changed text, length or setting is recomputed, never relabelled.
 
-    python experiments/eval_perplexity.py                      # the full grid (slow on CPU)
+Texts (DATA.md): northangerabbey.txt is the validation text, for every choice (baseline
+settings, LoCoCo's); prideprejudice.txt and persuasion.txt are test texts, only reported.
+
     python experiments/eval_perplexity.py --lengths 1024 4096 --policies full lococo
+    python experiments/eval_perplexity.py --fractions 1/16 1/8 1/4 1/2 --lengths 2048
+    python experiments/eval_perplexity.py ... --write   # update experiments/results/
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
-import jax
+import _policy_args
 import numpy as np
 
-from lococo_jax import compressors, evaluate
-from lococo_jax.config import CompressionConfig
+from lococo_jax import compressors, evaluate, results
 from lococo_jax.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "experiments" / "results"
+POLICIES = ["full", "streaming", "h2o", "tova", "snapkv", "keydiff", "lococo"]
 
 
-def cell_key(policy: str, M: int, rope: float) -> str:
-    return f"{policy}|M={M}|rope={rope:g}"
+def _name(c: dict) -> str:
+    name = _policy_args.describe(c["key_fields"]["config"])
+    return name + (" (untrained)" if c.get("trained") is False else "")
 
 
 def table(cells: list[dict], lengths: list[int]) -> str:
@@ -38,117 +45,192 @@ def table(cells: list[dict], lengths: list[int]) -> str:
     for c in sorted(
         cells, key=lambda c: (c["rope"], c["policy"] != "full", c["cache_size"], c["policy"])
     ):
-        name = c["policy"] + ("" if c.get("trained", True) is not False else " (untrained)")
         M = "all" if c["policy"] == "full" else str(c["cache_size"])
-        vals = " | ".join(f"{c['ppl'].get(str(L), float('nan')):.2f}" for L in lengths)
-        lines.append(f"| {name} | {M} | {c['rope']:g} | {vals} |")
+        vals = " | ".join(f"{c['ppl'][str(L)]:.2f}" if str(L) in c["ppl"] else "-" for L in lengths)
+        lines.append(f"| {_name(c)} | {M} | {c['rope']:g} | {vals} |")
     return "\n".join(lines)
 
 
-def plot(cells: list[dict], lengths: list[int], path: Path) -> None:
+def fraction_table(cells: list[dict]) -> str:
+    fr = sorted({Fraction(c["fraction"]).limit_denominator(1024) for c in cells})
+    lengths = sorted({c["length"] for c in cells})
+    lines = ["| policy | L | " + " | ".join(f"kept {f}" for f in fr) + " |"]
+    lines.append("|---" * (2 + len(fr)) + "|")
+    for name in sorted({_name(c) for c in cells}):
+        for L in lengths:
+            row = {
+                Fraction(c["fraction"]).limit_denominator(1024): c["ppl"][str(L)]
+                for c in cells
+                if _name(c) == name and c["length"] == L
+            }
+            if row:
+                vals = " | ".join(f"{row[f]:.2f}" if f in row else "-" for f in fr)
+                lines.append(f"| {name} | {L} | {vals} |")
+    return "\n".join(lines)
+
+
+def report(store: results.ResultStore) -> str:
+    """Markdown per text (the header comes from the cells' own key fields)."""
+    cells = [c for c in store.cells if "key" in c]
+    out = []
+    for text in sorted({c["key_fields"]["text"]["name"] for c in cells}):
+        here = [c for c in cells if c["key_fields"]["text"]["name"] == text]
+        split = results.text_split(text)
+        fixed = [c for c in here if c.get("fraction") is None]
+        frac = [c for c in here if c.get("fraction") is not None]
+        if fixed:
+            lengths = sorted({int(L) for c in fixed for L in c["ppl"]})
+            out.append(f"### {text} ({split}): perplexity of the first L tokens, fixed M\n")
+            out.append(table(fixed, lengths) + "\n")
+        if frac:
+            out.append(f"### {text} ({split}): perplexity at L with M = kept fraction * L\n")
+            out.append(fraction_table(frac) + "\n")
+    prov = sorted({(c["provenance"]["command"], c["provenance"]["device"]) for c in cells})
+    out.append("Commands and devices:\n" + "\n".join(f"- `{a}` on {d}" for a, d in prov))
+    return "\n".join(out) + "\n"
+
+
+def plot(store: results.ResultStore, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = sorted({c["cache_size"] for c in cells if c["policy"] != "full"})
-    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
-    for ax, M in zip(axes[0], sizes, strict=True):
-        for c in cells:
-            if c["rope"] != 1.0 or (c["policy"] != "full" and c["cache_size"] != M):
-                continue
-            xs = [L for L in lengths if str(L) in c["ppl"]]
-            style = "k--" if c["policy"] == "full" else "o-"
-            ax.plot(xs, [c["ppl"][str(L)] for L in xs], style, label=c["policy"])
+    cells = [c for c in store.cells if "key" in c and c["rope"] == 1.0]
+    panels = sorted(
+        {(c["key_fields"]["text"]["name"], c.get("fraction") is not None) for c in cells}
+    )
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (text, is_frac) in zip(axes[0], panels, strict=True):
+        here = [
+            c
+            for c in cells
+            if c["key_fields"]["text"]["name"] == text
+            and (c.get("fraction") is not None) == is_frac
+        ]
+        for c in here:
+            if c["policy"] == "full" and not is_frac:
+                xs = sorted(int(L) for L in c["ppl"])
+                ax.plot(xs, [c["ppl"][str(L)] for L in xs], "k--", label="full")
+        for name in sorted({_name(c) for c in here if c["policy"] != "full"}):
+            if is_frac:
+                pts = sorted(
+                    (c["fraction"], c["ppl"][str(c["length"])]) for c in here if _name(c) == name
+                )
+                ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", label=name)
+            else:
+                for c in here:
+                    if _name(c) == name:
+                        xs = sorted(int(L) for L in c["ppl"])
+                        ax.plot(
+                            xs,
+                            [c["ppl"][str(L)] for L in xs],
+                            "o-",
+                            label=f"{name} M={c['cache_size']}",
+                        )
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("input tokens")
+        ax.set_xlabel("kept fraction M / L" if is_frac else "input tokens")
         ax.set_ylabel("perplexity")
-        ax.set_title(f"M = {M} slots, B = 128")
+        ax.set_title(f"{text} ({results.text_split(text)})")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--text", default=str(ROOT / "data/austen/prideprejudice.txt"))
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    ap.add_argument("--policies", nargs="+", default=["full", "streaming", "h2o", "tova", "lococo"])
-    ap.add_argument("--cache-sizes", type=int, nargs="+", default=[64, 128, 256])
+    ap.add_argument("--policies", nargs="+", default=POLICIES)
+    ap.add_argument("--cache-sizes", type=int, nargs="*", default=[64, 128, 256])
+    ap.add_argument("--fractions", type=Fraction, nargs="*", default=[], help="e.g. 1/16 1/8")
     ap.add_argument("--chunk-size", type=int, default=128)
     ap.add_argument(
         "--rope-factors",
         type=float,
         nargs="+",
         default=[1.0, 2.0],
-        help="linear RoPE scaling factors; factors != 1 run at the longest length",
+        help="linear RoPE scaling factors (fixed-M cells)",
     )
-    ap.add_argument("--out", default=str(RESULTS / "perplexity.json"))
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--out", default=None, help="result JSON (resumed); default: a new run folder")
+    ap.add_argument("--write", action="store_true", help="write experiments/results/perplexity.*")
+    _policy_args.add(ap)
     args = ap.parse_args()
 
-    cfg0, params, tok = load_model("smollm2")
+    cfg0, params, tok = load_model(args.model)
+    model_fp = results.model_fingerprint(cfg0, params, args.model)
+    text = results.text_fingerprint(args.text)
     ids = np.asarray(
         tok.encode(Path(args.text).read_text(encoding="utf-8"), add_special_tokens=False), np.int32
     )
     Lmax = max(args.lengths)
     if len(ids) < Lmax:
         raise SystemExit(f"{args.text} has {len(ids)} tokens < {Lmax}")
-    ids = ids[:Lmax]
-    out = Path(args.out)
-    done = json.loads(out.read_text()) if out.exists() else {"cells": []}
+    store = results.ResultStore(results.output_path("perplexity.json", args.out, args.write))
+    print(f"results -> {store.path}", flush=True)
     B = args.chunk_size
-    done["cells"] = [c for c in done["cells"] if compressors.is_current(c, B)]
-    have = {cell_key(c["policy"], c["cache_size"], c["rope"]) for c in done["cells"]}
-    done.update(
-        text=Path(args.text).name,
-        lengths=args.lengths,
-        chunk_size=args.chunk_size,
-        device=jax.devices()[0].device_kind,
-        model="SmolLM2-135M-Instruct (GGUF Q4_1)",
-    )
 
+    # (policy, M, length read, lengths reported, fraction, rope)
+    jobs = []
     for rope in args.rope_factors:
-        cfg = cfg0.with_linear_rope_scaling(rope)
         for policy in args.policies:
-            sizes = [Lmax] if policy == "full" else args.cache_sizes
-            for M in sizes:
-                key = cell_key(policy, M, rope)
-                if key in have:
-                    continue
-                # Untrained lococo (no committed weights for this M) keeps a recent window of
-                # M/4 like the calibrated ones; trained weights bring their own config.
-                local = M // 4 if policy == "lococo" else 0
-                ccfg = CompressionConfig(
-                    policy=policy, cache_size=M, chunk_size=args.chunk_size, local_len=local
-                )
-                p, ccfg, trained = compressors.with_policy_params(params, cfg, ccfg)
-                t0 = time.perf_counter()
-                res = evaluate.nll_per_token(p, ids, cfg, ccfg, progress=True, desc=key)
-                cell = {
-                    "policy": policy,
-                    "cache_size": M,
-                    "rope": rope,
-                    "trained": trained,
-                    "compressors": compressors.provenance(policy, M, B),
-                    "compression_config": dataclasses.asdict(ccfg),
-                    "seconds": time.perf_counter() - t0,
-                    "tokens_per_s": Lmax / (time.perf_counter() - t0),
-                    "ppl": evaluate.prefix_perplexities(res, args.lengths),
-                }
-                done["cells"].append(cell)
-                have.add(key)
-                print(key, {k: round(v, 3) for k, v in cell["ppl"].items()}, flush=True)
-                out.write_text(json.dumps(done, indent=1))
+            for M in [Lmax] if policy == "full" else args.cache_sizes:
+                jobs.append((policy, M, Lmax, args.lengths, None, rope))
+    for f in args.fractions:
+        for L in args.lengths:
+            for policy in args.policies:
+                if policy != "full":
+                    jobs.append((policy, int(f * L), L, [L], float(f), 1.0))
+    jobs = [
+        (ccfg, L, report_at, frac, rope)
+        for policy, M, L, report_at, frac, rope in jobs
+        for ccfg in _policy_args.configs(args, policy, M, B)
+    ]
+    for ccfg, L, report_at, frac, rope in jobs:
+        policy, M = ccfg.policy, ccfg.cache_size
+        cfg = cfg0.with_linear_rope_scaling(rope)
+        p, ccfg, trained = compressors.with_policy_params(params, cfg, ccfg)
+        key = {
+            "benchmark": "perplexity",
+            "text": text,
+            "length": L,
+            "report_at": report_at,
+            "rope": rope,
+            "model": model_fp,
+            "compressors": compressors.provenance(policy, M, B) if trained else None,
+            "config": dataclasses.asdict(ccfg),
+        }
+        if store.get(key) is not None:
+            continue
+        t0 = time.perf_counter()
+        desc = f"{_policy_args.describe(ccfg)} M={M} L={L} rope={rope:g}"
+        nll = evaluate.nll_per_token(p, ids[:L], cfg, ccfg, progress=sys.stderr.isatty(), desc=desc)
+        cell = store.put(
+            key,
+            {
+                "policy": policy,
+                "setting": _policy_args.describe(ccfg),
+                "cache_size": M,
+                "length": L,
+                "fraction": frac,
+                "rope": rope,
+                "trained": trained,
+                "seconds": time.perf_counter() - t0,
+                "tokens_per_s": L / (time.perf_counter() - t0),
+                "ppl": evaluate.prefix_perplexities(nll, report_at),
+            },
+        )
+        print(desc, {k: round(v, 3) for k, v in cell["ppl"].items()}, flush=True)
 
-    md = table(done["cells"], args.lengths)
+    md = report(store)
     print("\n" + md)
-    out.with_suffix(".md").write_text(
-        f"Perplexity of the first L tokens of {done['text']} (held out), B = "
-        f"{args.chunk_size}, device {done['device']}.\n\n{md}\n"
-    )
-    plot(done["cells"], args.lengths, out.with_suffix(".png"))
-    print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
+    store.path.with_suffix(".md").write_text(md)
+    plot(store, store.path.with_suffix(".png"))
+    print(f"wrote {store.path}, {store.path.with_suffix('.md')}, {store.path.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

