@@ -199,6 +199,29 @@ def _decode(tok, ids: list[int]) -> str:
     return bytes(ids).decode("utf-8", errors="replace")
 
 
+def tokenizer_first(spec: str) -> Any:
+    """The tokenizer of --model without loading its weights, so token counts are checked
+    before the (slow) model load; None where that needs the model (the first run of smollm2)
+    or fails (the model load then reports why)."""
+    from lococo_jax import convert, models
+    from lococo_jax.tokenizer import ByteTokenizer, load_tokenizer
+
+    if spec == "tiny":
+        return ByteTokenizer()
+    path = models.default_cache_dir() if spec == "smollm2" else Path(spec).expanduser()
+    if spec == "smollm2" and not convert.is_converted(path):
+        return None
+    try:
+        return load_tokenizer(path)
+    except (OSError, ValueError):
+        return None
+
+
+def early_tokens(args, text: str, where: str, minimum: int) -> np.ndarray | None:
+    tok = tokenizer_first(args.model)
+    return None if tok is None else tokens_of(tok, text, where, minimum)
+
+
 def tokens_of(tok, text: str, where: str, minimum: int) -> np.ndarray:
     ids = _encode(tok, text)
     if len(ids) < minimum:
@@ -230,8 +253,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         text = args.prompt
     sampling = generate.SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     ccfg = compression_config(args, args.policy)
+    where = args.prompt_file or "--prompt"
+    ids = early_tokens(args, text, where, 1)
     cfg, params, tok = load_model(args.model)
-    ids = tokens_of(tok, text, args.prompt_file or "--prompt", 1)
+    ids = tokens_of(tok, text, where, 1) if ids is None else ids
     check_positions(
         cfg, len(ids) + args.max_new_tokens, "the prompt plus --max-new-tokens", args.past_positions
     )
@@ -278,10 +303,11 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
         raise UserError(f"--rope-linear must be a positive factor, got {args.rope_linear}")
     text = read_text(args.text_file, "--text-file")
     ccfg = compression_config(args, args.policy)
+    ids = early_tokens(args, text, args.text_file, 2)
     cfg, params, tok = load_model(args.model)
     if args.rope_linear != 1.0:
         cfg = cfg.with_linear_rope_scaling(args.rope_linear)
-    ids = tokens_of(tok, text, args.text_file, 2)[: args.max_tokens]
+    ids = (tokens_of(tok, text, args.text_file, 2) if ids is None else ids)[: args.max_tokens]
     check_positions(cfg, len(ids), f"{args.text_file} ({len(ids)} tokens)", True)
     if args.policy == "full":
         ccfg = dataclasses.replace(ccfg, cache_size=len(ids))
@@ -318,8 +344,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     positive("--max-new-tokens", args.max_new_tokens, 0)
     text = read_text(args.doc, "--doc")
     lococo_ccfg = compression_config(args, "lococo")
+    ids = early_tokens(args, text, args.doc, 2)
     cfg, params, tok = load_model(args.model)
-    ids = tokens_of(tok, text, args.doc, 2)[: args.tokens]
+    ids = (tokens_of(tok, text, args.doc, 2) if ids is None else ids)[: args.tokens]
     check_positions(cfg, len(ids) + args.max_new_tokens, "the document plus --max-new-tokens", True)
     full_ccfg = dataclasses.replace(
         lococo_ccfg, policy="full", cache_size=len(ids) + args.max_new_tokens

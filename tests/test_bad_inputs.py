@@ -261,7 +261,12 @@ CASES = [
         "ppl-one-token-file",
         [*PPL, "--model", "tiny", "--text-file", "{tmp}/one.txt"],
         r"1 token\(s\), at least 2",
-        before_load=False,
+        setup=write("one.txt", b"a"),
+    ),
+    Case(
+        "ppl-one-token-file-hf-model",
+        [*PPL, "--model", "{conv}", "--text-file", "{tmp}/one.txt"],
+        r"one.txt: 1 token\(s\), at least 2",
         setup=write("one.txt", b"a"),
     ),
     Case(
