@@ -84,3 +84,22 @@ def make_tiny_hf(folder, **config) -> None:
     transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**kw, **config})).save_pretrained(
         folder
     )
+
+
+AUSTEN_SAMPLE = os.path.join(os.path.dirname(__file__), "data", "austen_sample.txt")
+
+
+def tiny_run_fields(tmp_path, **kw) -> dict:
+    """TrainConfig fields of a fast run on the tiny model (byte tokenizer) over real text."""
+    base = dict(
+        data_files=[AUSTEN_SAMPLE],
+        data_dir=str(tmp_path / "tfds"),
+        batch_size=4,
+        clean_period=4,
+        steps=6,
+        lr=1e-3,
+        memory_lr_scale=10.0,
+        progress=False,
+        mesh_data=1,
+    )
+    return {**base, **kw}

@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import tiny_run_fields
 
 from lococo_jax import checkpoint, compressors, data, train
 from lococo_jax.config import ConfigError
@@ -24,18 +25,7 @@ TEXT = str(HERE / "data" / "austen_sample.txt")
 
 
 def tiny(tmp_path, **kw) -> train.TrainConfig:
-    base = dict(
-        data_files=(TEXT,),
-        data_dir=str(tmp_path / "tfds"),
-        batch_size=4,
-        clean_period=4,
-        steps=6,
-        lr=1e-3,
-        memory_lr_scale=10.0,
-        progress=False,
-        mesh_data=1,
-    )
-    return train.TrainConfig(**{**base, **kw})
+    return train.TrainConfig(**tiny_run_fields(tmp_path, **kw))
 
 
 @pytest.mark.slow

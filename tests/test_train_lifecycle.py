@@ -14,13 +14,13 @@ import jax
 import numpy as np
 import pytest
 import yaml
+from conftest import tiny_run_fields
 
 from lococo_jax import checkpoint, data, models, train
 from lococo_jax.config import ConfigError
 from lococo_jax.train import run as train_run
 
 HERE = Path(__file__).resolve().parent
-TEXT = str(HERE / "data" / "austen_sample.txt")
 
 
 def _script():
@@ -33,21 +33,10 @@ def _script():
 
 
 def _yaml(tmp_path: Path, **kw) -> Path:
-    d = dict(
-        data_files=[TEXT],
-        data_dir=str(tmp_path / "tfds"),
-        batch_size=4,
-        clean_period=4,
-        steps=6,
-        lr=1e-3,
-        memory_lr_scale=10.0,
-        progress=False,
-        mesh_data=1,
-        checkpoint_dir=str(tmp_path / "ck"),
-        log_dir=str(tmp_path / "logs"),
-    )
+    ck, logs = str(tmp_path / "ck"), str(tmp_path / "logs")
+    fields = tiny_run_fields(tmp_path, checkpoint_dir=ck, log_dir=logs, **kw)
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({**d, **kw}))
+    path.write_text(yaml.safe_dump(fields))
     return path
 
 
@@ -139,8 +128,11 @@ def test_checkpoint_holds_only_the_train_state_and_its_base(tmp_path, monkeypatc
     cfg = train.TrainConfig.from_yaml(_yaml(tmp_path, steps=1))
     out = train.train(cfg)
     ck = checkpoint.Checkpointer(tmp_path / "ck")
-    meta = json.dumps(str(ck.manager.item_metadata(1)["state"]))
-    assert "trainable" in meta and "'wq'" not in meta and "w_gate" not in meta
+    tree = json.loads((tmp_path / "ck" / "1" / "state" / "_METADATA").read_text())
+    paths = list(tree["tree_metadata"])
+    assert {p.split("'")[1] for p in paths} == {"trainable", "opt_state", "step", "rng"}
+    assert any("'lococo'" in p for p in paths)
+    assert not any("'wq'" in p or "'w_gate'" in p or "'lm_head'" in p for p in paths), paths
     saved = ck.saved_config()["base_model"]
     assert saved == out["run"].base_fingerprint and set(saved) >= {"architecture", "weights"}
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(out["state"]))
