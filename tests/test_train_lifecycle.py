@@ -57,6 +57,14 @@ BAD_SETS = [
 ]
 
 
+def test_set_values_parse_as_people_write_them(tmp_path):
+    cfg = train.TrainConfig.from_yaml(
+        _yaml(tmp_path), ["lr=1e-5", "memory_lr_scale=1000", "truncate=true", "stop_after=null"]
+    )
+    assert cfg.lr == 1e-5 and cfg.memory_lr_scale == 1000.0 and cfg.truncate is True
+    assert cfg.stop_after is None and isinstance(cfg.data_files, tuple)
+
+
 @pytest.mark.parametrize("override,message", BAD_SETS)
 def test_bad_set_values_name_the_field_and_write_nothing(tmp_path, override, message):
     path = _yaml(tmp_path)

@@ -8,6 +8,7 @@ floats accept ints; the error names the field, the value and where it came from.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -229,7 +230,7 @@ class TrainConfig:
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            d = yaml.safe_load(path.read_text()) or {}
+            d = _yaml_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
         if not isinstance(d, dict):
@@ -242,7 +243,7 @@ class TrainConfig:
             k, v = o.split("=", 1)
             k = k.strip()
             try:
-                d[k] = yaml.safe_load(v)
+                d[k] = _yaml_load(v)
             except yaml.YAMLError:
                 d[k] = v
             sources[k] = f"--set {o}"
@@ -254,6 +255,28 @@ class TrainConfig:
                 except ConfigError as e:
                     raise ConfigError(f"{e} (from {sources[k]})") from None
         return cls.from_dict(d, source=str(path))
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads 1e-5 (no dot) as a string; read it as the float everyone means."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 _HINTS: dict[str, Any] | None = None
