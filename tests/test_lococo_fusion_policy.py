@@ -254,3 +254,40 @@ def test_normalizer_is_clipped_to_a_convex_mixture():
     np.testing.assert_array_equal(out[True, -3.0], out[True, 0.0])
     assert out[True, -3.0].min() >= 0.0 and out[True, -3.0].max() < 1.0
     assert out[False, -3.0].min() < 0.0 or out[False, -3.0].max() > 1.0
+
+
+def test_local_entries_are_the_most_recent_by_position():
+    """Slots are stored as [heavy ; fused], not by position: after a flush or a short last
+    chunk (fewer window entries than local_len) the local_len kept entries are still the most
+    recent tokens, wherever they sit."""
+    d, M, B, b, h = 4, 16, 8, 1, 2
+    ccfg = CompressionConfig(
+        policy="lococo",
+        cache_size=M,
+        chunk_size=B,
+        local_len=4,
+        kernel_size=3,
+        fusion_impl="reference",
+    )
+    rng = np.random.RandomState(3)
+    S = M + B
+    n_valid = M + 2  # a short window: 2 entries < local_len
+    pos = np.full((b, h, S), -1)
+    pos[..., :n_valid] = rng.permutation(100)[:n_valid]  # slot order is not position order
+    valid = np.arange(S) < n_valid
+    e = Entries(
+        k=jnp.asarray(rng.randn(b, h, S, d) * valid[:, None], jnp.float32),
+        v=jnp.asarray(rng.randn(b, h, S, d) * valid[:, None], jnp.float32),
+        pos=jnp.asarray(pos, jnp.int32),
+        valid=jnp.broadcast_to(jnp.asarray(valid), (b, h, S)),
+        acc=jnp.zeros((b, h, S)),
+        chunk=jnp.asarray(rng.rand(b, h, S) * valid, jnp.float32),
+        last=jnp.zeros((b, S)),
+        n_valid=jnp.full((b,), n_valid, jnp.int32),
+    )
+    layer = jax.tree.map(lambda x: x[0], lococo.init_params(jax.random.PRNGKey(0), _cfg(d), ccfg))
+    out = lococo.compress(ccfg, layer, e)
+    for hi in range(h):
+        newest = set(np.sort(pos[0, hi, :n_valid])[-4:].tolist())
+        heavy = set(np.asarray(out.pos[0, hi, : ccfg.num_heavy]).tolist())
+        assert newest <= heavy, (newest, heavy)
