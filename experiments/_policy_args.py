@@ -69,7 +69,7 @@ def describe(ccfg) -> str:
         return f"streaming sink {c['sink']}"
     if p == "h2o":
         recent = c["cache_size"] // 2 if c["h2o_recent"] is None else c["h2o_recent"]
-        return f"h2o recent {recent}"
+        return f"h2o recent {Fraction(recent, c['cache_size'])} M"
     if p == "snapkv":
         return f"snapkv w{c['snapkv_window']} k{c['snapkv_kernel']} {c['snapkv_pooling']}"
     return p
