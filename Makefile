@@ -45,5 +45,6 @@ $(AOT_SITE)/.installed: requirements-tpu-aot.txt $(STAMP)
 	touch $@
 
 aot: $(AOT_SITE)/.installed
-	if [ -z "$(ARGS)" ]; then PYTHONPATH=$(AOT_SITE) $(VENV)/bin/python -m pytest tests/test_aot.py; \
-	else PYTHONPATH=$(AOT_SITE) $(VENV)/bin/python experiments/aot_compile.py $(ARGS); fi
+	export PYTHONPATH=$(AOT_SITE) JAX_PLATFORMS=cpu; \
+	if [ -z "$(ARGS)" ]; then $(VENV)/bin/python -m pytest tests/test_aot.py; \
+	else $(VENV)/bin/python experiments/aot_compile.py $(ARGS); fi

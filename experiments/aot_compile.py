@@ -31,9 +31,11 @@ import os
 # The TPU plugin is only used for its topology description and compiler; CPU stays the
 # default backend (and no TPU runtime is initialised on a host without one).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu takes a host-wide lockfile when its plugin starts, so a second compiling process (a
+# test while a long compile runs) would abort; these processes only compile, they share no TPU.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import argparse  # noqa: E402
-import dataclasses  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -54,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 
 from kernels.lococo_fusion import conv_softmax_mix  # noqa: E402
 from lococo_jax import kv_state, llama, longctx, platforms, policies, sharding  # noqa: E402
-from lococo_jax.config import CompressionConfig, LlamaConfig  # noqa: E402
+from lococo_jax.config import CompressionConfig, ConfigError, LlamaConfig  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
 KERNEL_CALL = "tpu_custom_call"
@@ -147,11 +149,12 @@ def compile_report(
     analytic: dict[str, float] | None = None,
     extra: dict[str, Any] | None = None,
     donate_argnums: tuple[int, ...] = (),
-    in_shardings: Any = None,
+    lower: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
     """Lower and compile ``fn(*args)`` (abstract args carrying their shardings) under ``mesh``.
     analytic: per chip per step for the roofline (else the HLO's): "flops", and "bytes" or
-    "argument_passes" (bytes = that many reads of the chip's arguments, i.e. its weights)."""
+    "argument_passes" (bytes = that many reads of the chip's arguments, i.e. its weights);
+    "useful_flops": the model FLOPs without rematerialisation (MFU's numerator; else flops)."""
     rec: dict[str, Any] = {
         "name": name,
         "topology": topology_name,
@@ -165,8 +168,8 @@ def compile_report(
     t0 = time.perf_counter()
     try:
         with jax.set_mesh(mesh):
-            kw = {} if in_shardings is None else {"in_shardings": in_shardings}
-            lowered = jax.jit(fn, donate_argnums=donate_argnums, **kw).lower(*args)
+            lower = lower or jax.jit(fn, donate_argnums=donate_argnums).lower
+            lowered = lower(*args)
         t1 = time.perf_counter()
         compiled = lowered.compile()
     except Exception as e:  # the compiler's error is the report (e.g. out of HBM)
@@ -200,7 +203,8 @@ def compile_report(
         "t_memory_s": t_m,
         "t_step_s": t,
         "bound": "compute" if t_c >= t_m else "memory",
-        "mfu_bound": t_c / t,
+        # Model FLOPs (no remat recompute) per second at the roofline time, over the peak.
+        "mfu_bound": (analytic or {}).get("useful_flops", flops) / chip.peak_bf16_flops / t,
     }
     if tokens:
         rec["roofline"]["tokens_per_s"] = tokens / t
@@ -394,13 +398,28 @@ def train_record(
         lambda s: jax.ShapeDtypeStruct(s, dtype), shapes, is_leaf=lambda x: isinstance(x, tuple)
     )
     t0 = time.perf_counter()
-    run = train.build(
-        tcfg, devices, with_checkpointer=False, model=(cfg, base, None), check_data=False
-    )
+    try:
+        run = train.build(
+            tcfg, devices, with_checkpointer=False, model=(cfg, base, None), check_data=False
+        )
+    except (ConfigError, sharding.ShardingError) as e:  # e.g. a batch the mesh cannot split
+        return {
+            "name": name or f"train_{Path(config).stem}",
+            "topology": topo,
+            "chip": chip.name,
+            "chips": len(devices),
+            "mesh": dict(zip(sharding.AXES, tcfg.mesh().shape(), strict=True)),
+            "hbm_per_chip": chip.hbm_bytes,
+            "kind": "train",
+            "config": str(config),
+            "overrides": list(overrides),
+            "compiled": False,
+            "error": f"{type(e).__name__} (building the run): {e}",
+        }
     # The fusion kernel for the target (the mesh's devices), whatever this host's backend.
-    run.ccfg = dataclasses.replace(run.ccfg, fusion_platform=platforms.platform_of(run.mesh))
+    assert run.ccfg.fusion_platform == platforms.platform_of(run.mesh) == "tpu", run.ccfg
     build_s = time.perf_counter() - t0
-    step = train.make_train_step(run, jit=False)
+    step = train.make_train_step(run)  # the jitted step, lowered under its mesh
     tokens = tcfg.batch_size * tcfg.sample_len
     n_base = sum(math.prod(x.shape) for x in jax.tree.leaves(base))
     counts = model_counts(
@@ -431,10 +450,13 @@ def train_record(
         chip,
         topology_name=topo,
         tokens=tokens,
-        analytic={"flops": flops / chips, "argument_passes": tcfg.clean_period * 3},
+        analytic={
+            "flops": flops / chips,
+            "useful_flops": counts["flops"] / chips,
+            "argument_passes": tcfg.clean_period * 3,
+        },
         extra=extra,
-        donate_argnums=(0,),
-        in_shardings=(run.ts_shardings, run.base_shardings, run.batch_sharding),
+        lower=step.lower,
     )
 
 
@@ -463,7 +485,10 @@ def markdown(recs: dict[str, dict[str, Any]]) -> str:
         "Compiled on a CPU host with libtpu's compiler for the named topology; memory per chip "
         "from compiled.memory_analysis() (peak = arguments + outputs + temporaries - aliased), "
         "roofline at the chip's peak bf16 FLOP/s and HBM bandwidth from analytic FLOPs/bytes "
-        "(see the script's docstring; XLA's cost analysis counts a scan body once).",
+        "(see the script's docstring; XLA's cost analysis counts a scan body once). Training "
+        "FLOPs: forward + activation gradients (the base is frozen) + the remat forward; MFU "
+        "bound = model FLOPs without the remat forward / (roofline time x peak). These are "
+        "upper bounds from the chip's peak, not measurements.",
         "",
         "| program | slice | mesh d,f,t | compiled | args GiB | temp GiB | peak GiB / HBM | "
         "kernel calls | roofline step | bound | tokens/s | MFU bound | compile s |",
