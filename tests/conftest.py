@@ -55,9 +55,10 @@ def smollm2(tmp_path_factory):
     return cfg, params, tok, cache
 
 
-def make_tiny_hf(folder, **config) -> None:
+def make_tiny_hf(folder, edit=None, **config):
     """A tiny random transformers LlamaForCausalLM with a character-level tokenizer (printable
-    ASCII, vocab 128) saved as a Hugging Face folder; ``config`` overrides LlamaConfig fields."""
+    ASCII, vocab 128) saved as a Hugging Face folder; ``config`` overrides LlamaConfig fields and
+    ``edit(model)`` may change the torch model before it is saved. Returns the folder."""
     import torch
     import transformers
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
@@ -81,9 +82,12 @@ def make_tiny_hf(folder, **config) -> None:
         eos_token_id=None,
         bos_token_id=None,
     )
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**kw, **config})).save_pretrained(
-        folder
-    )
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**kw, **config}))
+    if edit is not None:
+        with torch.no_grad():
+            edit(model)
+    model.save_pretrained(folder)
+    return folder
 
 
 AUSTEN_SAMPLE = os.path.join(os.path.dirname(__file__), "data", "austen_sample.txt")

@@ -21,9 +21,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from conftest import make_tiny_hf
 
 from lococo_jax import cli, convert
 
@@ -32,32 +30,12 @@ ASSET64 = ROOT / "lococo_jax" / "assets" / "compressors" / "smollm2-135m_M64_B12
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a fortune. " * 2
 
 
+def _nan_norm(model) -> None:
+    model.model.norm.weight[0] = float("nan")
+
+
 def _hf_llama(folder: Path, nan: bool = False, **overrides) -> Path:
-    vocab = {"[UNK]": 0, **{chr(c): c - 31 for c in range(32, 127)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]").save_pretrained(
-        folder
-    )
-    torch.manual_seed(0)
-    kw = dict(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        eos_token_id=None,
-        bos_token_id=None,
-    )
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**kw, **overrides}))
-    if nan:
-        with torch.no_grad():
-            model.model.norm.weight[0] = float("nan")
-    model.save_pretrained(folder)
-    return folder
+    return make_tiny_hf(folder, edit=_nan_norm if nan else None, **overrides)
 
 
 @pytest.fixture(scope="module")

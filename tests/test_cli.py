@@ -6,9 +6,7 @@ import json
 
 import numpy as np
 import pytest
-import torch
-import transformers
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from conftest import make_tiny_hf
 
 from lococo_jax import cli
 from lococo_jax.tokenizer import load_tokenizer
@@ -18,28 +16,7 @@ TEXT = "It is a truth universally acknowledged, that a single man in possession 
 
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cli") / "hf"
-    vocab = {"[UNK]": 0, **{chr(c): c - 31 for c in range(32, 127)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]").save_pretrained(
-        folder
-    )
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        eos_token_id=None,
-        bos_token_id=None,
-    )
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
-    return folder
+    return make_tiny_hf(tmp_path_factory.mktemp("cli") / "hf")
 
 
 def test_convert_generate_perplexity(tiny_hf, tmp_path, capsys):
