@@ -99,31 +99,3 @@ def test_help_shows_defaults_and_describes_every_argument():
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
         if name != "convert":
             assert "(default: 128)" in text and "(default: smollm2)" in text, name
-
-
-def test_generate_streams_tokens_as_they_come(monkeypatch):
-    """on_token sees every token before the next decode step runs (the CLI prints from it, so
-    an interrupted run keeps its text)."""
-    from lococo_jax import generate, models
-    from lococo_jax.config import CompressionConfig
-
-    cfg, params, _ = models.load_model("tiny")
-    ccfg = CompressionConfig(policy="streaming", cache_size=16, chunk_size=8)
-    got, at_step = [], []
-    real = generate.decode_step
-
-    def step(*a, **k):
-        at_step.append(len(got))
-        return real(*a, **k)
-
-    monkeypatch.setattr(generate, "decode_step", step)
-    out = generate.generate(
-        params,
-        np.array([[104, 105, 32]]),
-        cfg,
-        ccfg,
-        generate.SamplingConfig(max_new_tokens=5),
-        on_token=lambda ids: got.append(int(ids[0])),
-    )
-    assert got == out.tokens[0].tolist()
-    assert at_step == [1, 2, 3, 4]  # token i was handed out before decode step i ran
