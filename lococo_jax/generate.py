@@ -2,7 +2,9 @@
 
 The prompt is read chunk by chunk (longctx.run_long); then each new token is appended to the
 raw window of at most chunk_size entries, which is compressed into the M slots when full.
-The decode step is jitted once: its shapes never change.
+Decoding runs on the device a block of tokens at a time (``decode_block``: a while_loop that
+carries the state, the RNG key and each row's eos flag), so the host only receives finished
+blocks; its shapes never change, so it compiles once per (batch, block).
 """
 
 from __future__ import annotations
