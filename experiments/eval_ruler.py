@@ -344,7 +344,8 @@ def write_reports(store) -> None:
                         if c["task"] == task and _label(c) == pol and c["cache_size"] == M
                     ]
                     vals.append(f"{hit[-1]:.1f}" if hit else "-")
-                md.append(f"| {pol} | {task} | {fs} | " + " | ".join(vals) + " |")
+                if any(v != "-" for v in vals):
+                    md.append(f"| {pol} | {task} | {fs} | " + " | ".join(vals) + " |")
         md.append("")
     prov = sorted({(c["provenance"]["command"], c["provenance"]["device"]) for c in cells})
     md.append("Commands and devices:")
@@ -365,6 +366,8 @@ def plot(cells: list[dict], path: Path) -> None:
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    labels = sorted({_label(c) for c in cells if c["policy"] != "full" and c["fraction"]})
+    colors = {lab: plt.cm.tab10(i % 10) for i, lab in enumerate(labels)}
     for ax, (L, task) in zip(axes[0], panels, strict=True):
         here = [c for c in cells if (c["length"], c["task"]) == (L, task)]
         for c in here:
@@ -374,14 +377,17 @@ def plot(cells: list[dict], path: Path) -> None:
             pts = sorted(
                 (c["fraction"], c["score"]) for c in here if _label(c) == pol and c["fraction"]
             )
-            ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", label=pol)
+            # a small horizontal offset per policy, so equal scores stay visible
+            dx = 2 ** (0.05 * (labels.index(pol) - len(labels) / 2))
+            xs, ys = [x * dx for x, _ in pts], [y for _, y in pts]
+            ax.plot(xs, ys, "o-", color=colors[pol], label=pol)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("kept fraction M / L")
         ax.set_ylabel("score")
         ax.set_ylim(-3, 103)
         ax.set_title(f"{task}, {L // 1024}K")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
