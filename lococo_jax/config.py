@@ -13,7 +13,7 @@ from typing import Any
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("llama",)
 ROPE_TYPES = ("linear", "llama3")
-POLICIES = ("full", "streaming", "h2o", "tova", "lococo")
+POLICIES = ("full", "streaming", "h2o", "tova", "snapkv", "keydiff", "lococo")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "identity")
 FUSION_IMPLS = ("auto", "pallas", "reference")
 NORMALIZERS = ("sigmoid", "clip", "official")
@@ -286,6 +286,14 @@ class CompressionConfig:
     sink: int = 4
     # h2o: recent entries always kept; None -> cache_size // 2.
     h2o_recent: int | None = None
+    # snapkv: the last snapkv_window queries of the chunk that compresses (all of them if the
+    # chunk is shorter) score the older entries, summed over those queries and each group's
+    # heads, pooled along the entries with a kernel of snapkv_kernel ("avg" or "max", as
+    # SnapKV's avg_pool1d / max_pool1d); the last snapkv_window entries are always kept.
+    # Defaults: SnapKV's (window 32, kernel 5, avgpool).
+    snapkv_window: int = 32
+    snapkv_kernel: int = 5
+    snapkv_pooling: str = "avg"
     # lococo (DESIGN.md "LoCoCo fusion").
     hh_keep_rate: float = 0.5
     local_len: int = 0
@@ -325,6 +333,22 @@ class CompressionConfig:
                 0 <= self.sink < M,
                 "sink",
                 f"needs 0 <= sink < cache_size ({M}), got {self.sink}",
+            )
+        if self.policy == "snapkv":
+            _check(
+                0 < self.snapkv_window < M,
+                "snapkv_window",
+                f"needs 0 < snapkv_window < cache_size ({M}), got {self.snapkv_window}",
+            )
+            _check(
+                self.snapkv_kernel % 2 == 1 and self.snapkv_kernel >= 1,
+                "snapkv_kernel",
+                f"must be a positive odd number, got {self.snapkv_kernel}",
+            )
+            _check(
+                self.snapkv_pooling in ("avg", "max"),
+                "snapkv_pooling",
+                f"must be 'avg' or 'max', got {self.snapkv_pooling!r}",
             )
         if self.policy == "h2o":
             _check(
