@@ -31,6 +31,7 @@ import numpy as np
 from lococo_jax import compressors, evaluate, policies, results
 from lococo_jax.config import CompressionConfig
 from lococo_jax.models import load_model
+from lococo_jax.policies import lococo
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"file", "a", "local_len", "hh_keep_rate", "label"}
@@ -68,7 +69,8 @@ def build(params, cfg, M: int, B: int, v: dict[str, str]):
         ccfg = dataclasses.replace(ccfg, **over)
     if "a" in v:
         sub = p["lococo"]
-        p = dict(p, lococo=dict(sub, normalizer=jnp.full_like(sub["normalizer"], float(v["a"]))))
+        a = jnp.full_like(sub["normalizer"], float(v["a"]))
+        p = dict(p, lococo=dict(sub, normalizer=lococo.normalizer_param(ccfg, a)))
     return p, ccfg, None if path is None else str(Path(path).resolve().relative_to(ROOT))
 
 
@@ -112,7 +114,7 @@ def main() -> None:
         if row is None:
             t0 = time.perf_counter()
             nll = evaluate.nll_per_token(p, ids, cfg, ccfg, progress=True, desc=v["label"])
-            a = np.clip(np.asarray(p["lococo"]["normalizer"]), 0.0, 1.0)
+            a = np.asarray(lococo.mixing_weight(ccfg, p["lococo"]["normalizer"]))
             row = store.put(
                 key,
                 dict(
