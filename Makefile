@@ -18,25 +18,32 @@ $(STAMP): requirements.txt
 	$(VENV)/bin/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-venv: $(STAMP)
-
-demo: $(STAMP)
-	$(VENV)/bin/python -m lococo_jax demo $(ARGS)
-
-test: $(STAMP)
-	$(VENV)/bin/python -m pytest $(ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
-
-lint: $(STAMP)
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
-
 # Ahead-of-time compilation for TPU slices on this host (BUILD.md, TPU): libtpu's compiler in
-# its own folder, on PYTHONPATH only here; then tests/test_aot.py, or the script with ARGS, e.g.
+# its own folder, on PYTHONPATH only for `make aot` and the AOT tests of `make test` (with it
+# importable, a jax process without JAX_PLATFORMS tries to start a TPU and logs errors);
+# `make aot` runs tests/test_aot.py, or the script with ARGS, e.g.
 # make aot ARGS="inference --model llama2-7b --topology v5e:2x2 --mesh 1,1,4"
 AOT_SITE := $(VENV)/libtpu-aot
 $(AOT_SITE)/.installed: requirements-tpu-aot.txt $(STAMP)
 	$(VENV)/bin/pip install --quiet --no-deps --target $(AOT_SITE) -r requirements-tpu-aot.txt
 	touch $@
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/python -m lococo_jax demo $(ARGS)
+
+# The suite, then (with no ARGS) tests/test_aot.py again with libtpu's compiler on its path (it
+# is skipped in the first run, where libtpu is not importable).
+test: $(STAMP) $(AOT_SITE)/.installed
+	$(VENV)/bin/python -m pytest $(ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; \
+	if [ $$rc -eq 0 ] && [ -z "$(ARGS)" ]; then \
+	  PYTHONPATH=$(AOT_SITE) JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest tests/test_aot.py; \
+	  rc=$$?; fi; exit $$rc
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 aot: $(AOT_SITE)/.installed
 	export PYTHONPATH=$(AOT_SITE) JAX_PLATFORMS=cpu; \
