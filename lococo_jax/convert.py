@@ -460,10 +460,23 @@ def _save_into(directory: Path, params: Params, cfg: LlamaConfig, source: str | 
 
 
 def save_params(
-    params: Params, cfg: LlamaConfig, dst_dir: str | Path, *, overwrite: bool = False
+    params: Params,
+    cfg: LlamaConfig,
+    dst_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    tokenizer: Any = None,
 ) -> Path:
-    """Write params (orbax) + config.json into ``dst_dir`` atomically; returns the resolved path."""
-    return _write_atomically(dst_dir, lambda tmp: _save_into(tmp, params, cfg, None), overwrite)
+    """Write params (orbax) + config.json (+ the tokenizer's files, when it has
+    ``save_pretrained``) into ``dst_dir`` atomically, every file checksummed; returns the
+    resolved path."""
+
+    def write(tmp: Path) -> None:
+        _save_into(tmp, params, cfg, None)
+        if hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(str(tmp))
+
+    return _write_atomically(dst_dir, write, overwrite)
 
 
 def is_converted(directory: str | Path) -> bool:

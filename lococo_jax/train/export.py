@@ -55,7 +55,8 @@ def _save_tokenizer(tokenizer: Any, dst: Path) -> None:
 
 def _atomic_dir(dst: str | Path, write) -> Path:
     """write(tmp) into a fresh sibling of dst, then rename it over dst (replacing an old
-    export); nothing is left behind on failure."""
+    export); nothing is left behind on failure. (A Hugging Face folder is not a converted
+    checkpoint, so convert's own atomic writer, which only replaces those, does not serve.)"""
     dst = Path(dst).expanduser().resolve()
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
@@ -76,17 +77,10 @@ def _atomic_dir(dst: str | Path, write) -> Path:
 
 
 def export_model(dst: str | Path, cfg: LlamaConfig, params: Params, tokenizer: Any) -> Path:
-    """A converted checkpoint directory (convert.save_params layout + tokenizer) of ``params``
-    with ``cfg`` (its rope_scaling included): ``--model dst`` loads it."""
-
-    def write(tmp: Path) -> None:
-        convert.save_params(params, cfg, tmp / "m", overwrite=False)
-        for f in (tmp / "m").iterdir():
-            os.replace(f, tmp / f.name)
-        (tmp / "m").rmdir()
-        _save_tokenizer(tokenizer, tmp)
-
-    return _atomic_dir(dst, write)
+    """A converted checkpoint directory (convert.save_params, tokenizer included) of ``params``
+    with ``cfg`` (its rope_scaling included), replacing an earlier export: ``--model dst``
+    loads it."""
+    return convert.save_params(params, cfg, dst, overwrite=True, tokenizer=tokenizer)
 
 
 def hf_state_dict(cfg: LlamaConfig, params: Params) -> dict[str, np.ndarray]:
