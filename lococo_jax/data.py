@@ -120,15 +120,20 @@ def _local_builder_cls():
 _BUILDER = None
 
 
+def files_digest(paths: Sequence[Path]) -> str:
+    """16 hex digits of a sha256 over the files' names and contents, in order."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def build_local(files: Sequence[str], data_dir: str) -> Any:
     """Build (once; reused when the files are unchanged) and return the TFDS data source of
     local text files. The dataset lives in data_dir/local_<hash of names and contents>."""
     global _BUILDER
     paths = _txt_files(files)
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
-    root = Path(os.path.expanduser(data_dir)) / f"local_{h.hexdigest()[:16]}"
+    root = Path(os.path.expanduser(data_dir)) / f"local_{files_digest(paths)}"
     if _BUILDER is None:  # defining the class registers it with tfds; do it once
         _BUILDER = _local_builder_cls()
     builder = _BUILDER(files=paths, data_dir=str(root), file_format="array_record")
@@ -269,10 +274,7 @@ def tokenizer_id(tokenizer: Any) -> str:
 
 def _data_id(dcfg: DataConfig) -> dict[str, Any]:
     if dcfg.source == "local":
-        h = hashlib.sha256()
-        for p in _txt_files(dcfg.files):
-            h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
-        ident: dict[str, Any] = {"local": h.hexdigest()[:16]}
+        ident: dict[str, Any] = {"local": files_digest(_txt_files(dcfg.files))}
     else:
         ident = {"tfds": dcfg.tfds_name, "split": dcfg.split, "data_dir": dcfg.data_dir}
     return ident | {"text_key": dcfg.text_key, "max_documents": dcfg.max_documents}
