@@ -42,6 +42,12 @@ def add(ap: argparse.ArgumentParser) -> None:
         default=[Fraction(1, 4)],
         help="lococo without committed weights: share of M always kept",
     )
+    g.add_argument(
+        "--skip-untrained",
+        action="store_true",
+        help="lococo: skip cells with no committed compressors for their (M, B) (they would be "
+        "a random-init fusion, not LoCoCo)",
+    )
 
 
 def configs(args, policy: str, M: int, B: int) -> list[CompressionConfig]:
@@ -60,6 +66,14 @@ def configs(args, policy: str, M: int, B: int) -> list[CompressionConfig]:
     return out
 
 
+def skip(args, ccfg, trained) -> bool:
+    """Whether --skip-untrained drops this cell (lococo without committed compressors)."""
+    if trained is False and args.skip_untrained:
+        print(f"skip {ccfg.policy} M={ccfg.cache_size}: no committed compressors", flush=True)
+        return True
+    return False
+
+
 def describe(ccfg) -> str:
     """The policy and its own settings, e.g. 'snapkv w32 k5 avg' (a CompressionConfig or its
     dict, as stored in a result's key fields)."""
@@ -73,3 +87,17 @@ def describe(ccfg) -> str:
     if p == "snapkv":
         return f"snapkv w{c['snapkv_window']} k{c['snapkv_kernel']} {c['snapkv_pooling']}"
     return p
+
+
+BASELINES = ["streaming", "h2o", "tova", "snapkv", "keydiff"]
+
+
+def chosen(label: str) -> bool:
+    """Whether a describe() label is a baseline at its validation-chosen setting (the defaults
+    of add()): the only rows a 'best baseline' may be picked from. Other settings in a result
+    file are sweeps, not candidates (choosing among them on a test set would tune on it)."""
+    ap = argparse.ArgumentParser()
+    add(ap)
+    defaults = ap.parse_args([])
+    labels = {describe(c) for p in BASELINES for c in configs(defaults, p, 512, 128)}
+    return label in labels

@@ -51,22 +51,111 @@ def table(cells: list[dict], lengths: list[int]) -> str:
     return "\n".join(lines)
 
 
-def fraction_table(cells: list[dict]) -> str:
+def paired_se(c: dict, ref: dict | None, L: int) -> float | None:
+    """Standard error of c's perplexity gap to ref (full attention) at length L, paired over
+    the same blocks of the same text: ppl * SE of the per-block NLL differences (delta
+    method). None where either cell lacks per-block NLLs or they do not line up."""
+    if ref is None or c is ref:
+        return None
+    a = (c.get("block_nll") or {}).get(str(L))
+    b = (ref.get("block_nll") or {}).get(str(L))
+    if a is None or b is None or len(a) != len(b):
+        return None
+    return c["ppl"][str(L)] * results.mean_se(np.subtract(a, b))[1]
+
+
+def _fmt(c: dict, L: int, ref: dict | None = None) -> str:
+    v = c["ppl"][str(L)]
+    se = paired_se(c, ref, L)
+    return f"{v:.2f}" if se is None else f"{v:.2f} ± {se:.2f}"
+
+
+def _full_at(cells: list[dict], L: int) -> dict | None:
+    """The full-attention cell that reports length L, preferring one with standard errors."""
+    full = [c for c in cells if c["policy"] == "full" and c["rope"] == 1.0 and str(L) in c["ppl"]]
+    full.sort(key=lambda c: (str(L) in (c.get("ppl_se") or {}), c["provenance"]["finished"]))
+    return full[-1] if full else None
+
+
+def fraction_table(cells: list[dict], fixed: list[dict]) -> str:
     fr = sorted({Fraction(c["fraction"]).limit_denominator(1024) for c in cells})
     lengths = sorted({c["length"] for c in cells})
     lines = ["| policy | L | " + " | ".join(f"kept {f}" for f in fr) + " |"]
     lines.append("|---" * (2 + len(fr)) + "|")
+    for L in lengths:
+        full = _full_at(fixed, L)
+        if full is not None:
+            se = (full.get("ppl_se") or {}).get(str(L))
+            fs = f"{full['ppl'][str(L)]:.2f}" + (f" (± {se:.2f} over text)" if se else "")
+            lines.append(f"| full | {L} | " + " | ".join(fs for _ in fr) + " |")
     for name in sorted({_name(c) for c in cells}):
         for L in lengths:
+            ref = _full_at(fixed, L)
             row = {
-                Fraction(c["fraction"]).limit_denominator(1024): c["ppl"][str(L)]
+                Fraction(c["fraction"]).limit_denominator(1024): c
                 for c in cells
                 if _name(c) == name and c["length"] == L
             }
             if row:
-                vals = " | ".join(f"{row[f]:.2f}" if f in row else "-" for f in fr)
+                vals = " | ".join(_fmt(row[f], L, ref) if f in row else "-" for f in fr)
                 lines.append(f"| {name} | {L} | {vals} |")
     return "\n".join(lines)
+
+
+def best_rows(store: results.ResultStore, fraction: float) -> list[dict]:
+    """Per (text, length): the lowest-perplexity baseline at its validation-chosen setting at
+    this kept fraction (ties all named), beside full attention."""
+    cells = [c for c in store.cells if "key" in c]
+    rows = []
+    for text in sorted({c["key_fields"]["text"]["name"] for c in cells}):
+        here = [c for c in cells if c["key_fields"]["text"]["name"] == text]
+        frac = [
+            c
+            for c in here
+            if c.get("fraction") is not None
+            and abs(c["fraction"] - fraction) < 1e-9
+            and c["policy"] in _policy_args.BASELINES
+            and _policy_args.chosen(_name(c))
+        ]
+        for L in sorted({c["length"] for c in frac}):
+            full = _full_at([c for c in here if c.get("fraction") is None], L)
+            here_L = [c for c in frac if c["length"] == L]
+            cand = [(_name(c), c["ppl"][str(L)], paired_se(c, full, L)) for c in here_L]
+            cand = [(n, m, float("nan") if se is None else se) for n, m, se in cand]
+            best = results.best_of(cand, higher=False)
+            ranked = sorted(cand, key=lambda e: e[1])
+            rest = [e for e in ranked if e not in best]
+            note = None
+            if rest:
+                # the runner-up's gap to the best, paired over the same blocks
+                b = next(c for c in here_L if _name(c) == best[0][0])
+                r = next(c for c in here_L if _name(c) == rest[0][0])
+                se = paired_se(r, b, L)
+                gap = r["ppl"][str(L)] - b["ppl"][str(L)]
+                note = f"+{gap:.2f}" + (f" ± {se:.2f}" if se is not None else "") + " paired"
+            rows.append(
+                dict(
+                    benchmark=f"perplexity {text} ({results.text_split(text)})",
+                    length=L,
+                    n=f"{L - 1} tokens",
+                    best=best,
+                    candidates=ranked,
+                    full=(full["ppl"][str(L)], float("nan")) if full else None,
+                    note=note,
+                )
+            )
+    return rows
+
+
+SE_NOTE = (
+    "In the kept-fraction tables ± is the standard error of a policy's gap to full attention, "
+    "paired over consecutive blocks of --chunk-size predictions of the same text (ppl * SE of "
+    "the per-block NLL differences): how sure the ordering is on this text. Full attention's "
+    "own '± over text' is the unpaired SE of its perplexity over those blocks (how much the "
+    "figure would move on other text of the same kind). In the best-baseline tables the "
+    "runner-up column adds its gap to the best, paired the same way. Per-block NLLs are stored "
+    "in each cell (block_nll); cells written before that show no ±.\n"
+)
 
 
 def report(store: results.ResultStore) -> str:
@@ -78,13 +167,19 @@ def report(store: results.ResultStore) -> str:
         split = results.text_split(text)
         fixed = [c for c in here if c.get("fraction") is None]
         frac = [c for c in here if c.get("fraction") is not None]
-        if fixed:
+        if any(c["policy"] != "full" for c in fixed) or (fixed and not frac):
             lengths = sorted({int(L) for c in fixed for L in c["ppl"]})
             out.append(f"### {text} ({split}): perplexity of the first L tokens, fixed M\n")
             out.append(table(fixed, lengths) + "\n")
         if frac:
             out.append(f"### {text} ({split}): perplexity at L with M = kept fraction * L\n")
-            out.append(fraction_table(frac) + "\n")
+            out.append(fraction_table(frac, fixed) + "\n")
+    for f in sorted({c["fraction"] for c in cells if c.get("fraction") is not None}):
+        rows = best_rows(store, f)
+        if rows:
+            out.append(f"### Best baseline at kept {Fraction(f).limit_denominator(1024)}\n")
+            out.append("\n".join(results.best_table(rows, "{:.2f} ± {:.2f}")) + "\n")
+    out.append(SE_NOTE)
     prov = sorted({(c["provenance"]["command"], c["provenance"]["device"]) for c in cells})
     out.append("Commands and devices:\n" + "\n".join(f"- `{a}` on {d}" for a, d in prov))
     return "\n".join(out) + "\n"
@@ -100,6 +195,19 @@ def plot(store: results.ResultStore, path: Path) -> None:
     panels = sorted(
         {(c["key_fields"]["text"]["name"], c.get("fraction") is not None) for c in cells}
     )
+    # a fixed-M panel holding only full attention (the kept-fraction sweeps' reference) adds
+    # nothing: full is drawn in the kept-fraction panel
+    panels = [
+        (t, f)
+        for t, f in panels
+        if f
+        or any(
+            c["policy"] != "full" and c.get("fraction") is None
+            for c in cells
+            if c["key_fields"]["text"]["name"] == t
+        )
+        or (t, True) not in panels
+    ]
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
@@ -110,6 +218,16 @@ def plot(store: results.ResultStore, path: Path) -> None:
             if c["key_fields"]["text"]["name"] == text
             and (c.get("fraction") is not None) == is_frac
         ]
+        fixed_here = [
+            c
+            for c in cells
+            if c["key_fields"]["text"]["name"] == text and c.get("fraction") is None
+        ]
+        if is_frac:
+            for L in sorted({c["length"] for c in here}):
+                full = _full_at(fixed_here, L)
+                if full is not None:
+                    ax.axhline(full["ppl"][str(L)], color="k", ls="--", label=f"full, L={L}")
         for c in here:
             if c["policy"] == "full" and not is_frac:
                 xs = sorted(int(L) for L in c["ppl"])
@@ -117,9 +235,22 @@ def plot(store: results.ResultStore, path: Path) -> None:
         for name in sorted({_name(c) for c in here if c["policy"] != "full"}):
             if is_frac:
                 pts = sorted(
-                    (c["fraction"], c["ppl"][str(c["length"])]) for c in here if _name(c) == name
+                    (
+                        c["fraction"],
+                        c["ppl"][str(c["length"])],
+                        paired_se(c, _full_at(fixed_here, c["length"]), c["length"]) or 0.0,
+                    )
+                    for c in here
+                    if _name(c) == name
                 )
-                ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", label=name)
+                ax.errorbar(
+                    [x for x, _, _ in pts],
+                    [y for _, y, _ in pts],
+                    yerr=[e for *_, e in pts],
+                    fmt="o-",
+                    capsize=2,
+                    label=name,
+                )
             else:
                 for c in here:
                     if _name(c) == name:
@@ -132,7 +263,7 @@ def plot(store: results.ResultStore, path: Path) -> None:
                         )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("kept fraction M / L" if is_frac else "input tokens")
-        ax.set_ylabel("perplexity")
+        ax.set_ylabel("perplexity" + (" (± paired SE of the gap to full)" if is_frac else ""))
         ax.set_title(f"{text} ({results.text_split(text)})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -157,7 +288,12 @@ def main() -> None:
     )
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--out", default=None, help="result JSON (resumed); default: a new run folder")
-    ap.add_argument("--write", action="store_true", help="write experiments/results/perplexity.*")
+    ap.add_argument("--write", action="store_true", help="write experiments/results/<name>.*")
+    ap.add_argument(
+        "--name",
+        default="perplexity",
+        help="stem of the result files (default perplexity; the sweeps: perplexity_fractions)",
+    )
     _policy_args.add(ap)
     args = ap.parse_args()
 
@@ -170,7 +306,7 @@ def main() -> None:
     Lmax = max(args.lengths)
     if len(ids) < Lmax:
         raise SystemExit(f"{args.text} has {len(ids)} tokens < {Lmax}")
-    store = results.ResultStore(results.output_path("perplexity.json", args.out, args.write))
+    store = results.ResultStore(results.output_path(f"{args.name}.json", args.out, args.write))
     print(f"results -> {store.path}", flush=True)
     B = args.chunk_size
 
@@ -194,6 +330,8 @@ def main() -> None:
         policy, M = ccfg.policy, ccfg.cache_size
         cfg = cfg0.with_linear_rope_scaling(rope)
         p, ccfg, trained = compressors.with_policy_params(params, cfg, ccfg)
+        if _policy_args.skip(args, ccfg, trained):
+            continue
         key = {
             "benchmark": "perplexity",
             "text": text,
@@ -222,6 +360,10 @@ def main() -> None:
                 "seconds": time.perf_counter() - t0,
                 "tokens_per_s": L / (time.perf_counter() - t0),
                 "ppl": evaluate.prefix_perplexities(nll, report_at),
+                "block_nll": {str(n): results.block_means(nll, n, B) for n in report_at},
+                "ppl_se": {
+                    str(n): results.perplexity_se(results.block_means(nll, n, B)) for n in report_at
+                },
             },
         )
         print(desc, {k: round(v, 3) for k, v in cell["ppl"].items()}, flush=True)

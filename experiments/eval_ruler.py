@@ -218,7 +218,12 @@ def main() -> None:
     )
     ap.add_argument("--data-dir", default=str(ROOT / "experiments" / "runs" / "ruler_data"))
     ap.add_argument("--out", default=None, help="result JSON (resumed); default: a new run folder")
-    ap.add_argument("--write", action="store_true", help="write experiments/results/ruler.*")
+    ap.add_argument("--write", action="store_true", help="write experiments/results/<name>.*")
+    ap.add_argument(
+        "--name",
+        default="ruler",
+        help="stem of the result files (default ruler)",
+    )
     _policy_args.add(ap)
     args = ap.parse_args()
     for t in args.tasks:
@@ -235,7 +240,7 @@ def main() -> None:
         args.tokenizer_dir or (default_cache_dir() if args.model == "smollm2" else args.model)
     )
     model_fp = results.model_fingerprint(cfg, params, args.model)
-    store = results.ResultStore(results.output_path("ruler.json", args.out, args.write))
+    store = results.ResultStore(results.output_path(f"{args.name}.json", args.out, args.write))
     print(f"results -> {store.path}", flush=True)
     B = args.chunk_size
 
@@ -259,6 +264,8 @@ def main() -> None:
                 ]
                 for M, frac, ccfg in runs:
                     p, ccfg, trained = compressors.with_policy_params(params, cfg, ccfg)
+                    if _policy_args.skip(args, ccfg, trained):
+                        continue
                     key = {
                         "benchmark": "ruler",
                         "task": task,
@@ -308,45 +315,123 @@ def _label(c: dict) -> str:
     return name + (" (untrained)" if c.get("trained") is False else "")
 
 
+def _stats(c: dict) -> tuple[float, float]:
+    """A cell's score and its standard error over samples (RULER's per-sample scores)."""
+    from lococo_jax import results
+
+    return results.mean_se(c["per_sample"])
+
+
+def _fmt(c: dict | None) -> str:
+    if c is None:
+        return "-"
+    m, se = _stats(c)
+    return f"{m:.0f} ± {se:.0f}"
+
+
+def groups(cells: list[dict]) -> list[tuple[int, int, int]]:
+    """(length, samples, seed) of each table: cells with other sample counts or seeds are
+    other data, never mixed into one column."""
+    return sorted(
+        {(c["length"], c["key_fields"]["samples"], c["key_fields"]["seed"]) for c in cells}
+    )
+
+
+def best_rows(cells: list[dict], fraction: float) -> list[dict]:
+    """Per (length, samples, seed, task): the best baseline at its validation-chosen setting
+    at this kept fraction (ties all named), beside full attention."""
+    from lococo_jax import results
+
+    rows = []
+    for L, n, seed in groups(cells):
+        here = [
+            c
+            for c in cells
+            if (c["length"], c["key_fields"]["samples"], c["key_fields"]["seed"]) == (L, n, seed)
+        ]
+        for task in sorted({c["task"] for c in here}):
+            cand = [
+                (_label(c), *_stats(c))
+                for c in here
+                if c["task"] == task
+                and c["policy"] in _policy_args.BASELINES
+                and _policy_args.chosen(_label(c))
+                and c["fraction"] is not None
+                and abs(c["fraction"] - fraction) < 1e-9
+            ]
+            if not cand:
+                continue
+            full = [c for c in here if c["task"] == task and c["policy"] == "full"]
+            rows.append(
+                dict(
+                    benchmark=f"RULER {task}",
+                    length=L,
+                    n=n,
+                    best=results.best_of(cand, higher=True),
+                    candidates=sorted(cand, key=lambda e: -e[1]),
+                    full=_stats(full[-1]) if full else None,
+                )
+            )
+    return rows
+
+
 def write_reports(store) -> None:
+    from lococo_jax import results
+
     cells = [c for c in store.cells if "key" in c]
     md = [
         "RULER (nvidia-long-context-eval 26.3 generators, RULER's string-match scores, 0-100).",
+        "Each entry: mean ± standard error over the samples (sample std / sqrt(n)). On the",
+        "single-answer tasks (niah_single_*, niah_multikey_*) a sample scores 0 or 100, so with n",
+        "samples one sample is 100 / n points, and ± 0 means every sample agreed (all wrong: 95%",
+        "upper bound ~300 / n). Answers are cut at --max-new-tokens (24) generated tokens.",
+        "Baselines at the settings chosen on the validation text (validation_tuning.md); rows",
+        "with other settings are earlier sweeps, never candidates for 'best'.",
         "",
     ]
-    for L in sorted({c["length"] for c in cells}):
-        here = [c for c in cells if c["length"] == L]
+    for L, n, seed in groups(cells):
+        here = [
+            c
+            for c in cells
+            if (c["length"], c["key_fields"]["samples"], c["key_fields"]["seed"]) == (L, n, seed)
+        ]
         tasks = sorted({c["task"] for c in here})
         cols = sorted(
             {(c["fraction"] or 0.0, c["cache_size"]) for c in here if c["policy"] != "full"}
         )
-        samples = sorted({c["key_fields"]["samples"] for c in here})
-        seeds = sorted({c["key_fields"]["seed"] for c in here})
-        n_s, seed_s = "/".join(map(str, samples)), "/".join(map(str, seeds))
-        md.append(f"### {L} tokens ({n_s} samples per task, seed {seed_s})")
+        md.append(f"### {L} tokens, {n} samples per task and cell, seed {seed}")
         md.append("")
-        head = ["task", "full"] + [
+        head = [
             (f"kept {Fraction(f).limit_denominator(64)} (M={M})" if f else f"M={M}")
             for f, M in cols
         ]
-        md.append("| policy | task | full | " + " | ".join(head[2:]) + " |")
-        md.append("|---" * (len(head) + 1) + "|")
+        md.append("| policy | task | full | " + " | ".join(head) + " |")
+        md.append("|---" * (len(head) + 3) + "|")
         policies = sorted({_label(c) for c in here if c["policy"] != "full"})
         for task in tasks:
-            full = [c["score"] for c in here if c["task"] == task and c["policy"] == "full"]
-            fs = f"{full[-1]:.1f}" if full else "-"
+            full = [c for c in here if c["task"] == task and c["policy"] == "full"]
+            fs = _fmt(full[-1] if full else None)
+            if not policies:
+                md.append(f"| full | {task} | {fs} |" + " - |" * len(head))
             for pol in policies:
                 vals = []
                 for _, M in cols:
                     hit = [
-                        c["score"]
+                        c
                         for c in here
                         if c["task"] == task and _label(c) == pol and c["cache_size"] == M
                     ]
-                    vals.append(f"{hit[-1]:.1f}" if hit else "-")
+                    vals.append(_fmt(hit[-1] if hit else None))
                 if any(v != "-" for v in vals):
                     md.append(f"| {pol} | {task} | {fs} | " + " | ".join(vals) + " |")
         md.append("")
+    for frac in sorted({c["fraction"] for c in cells if c["fraction"]}):
+        rows = best_rows(cells, frac)
+        if rows:
+            md.append(f"### Best baseline at kept {Fraction(frac).limit_denominator(64)}")
+            md.append("")
+            md += results.best_table(rows, "{:.0f} ± {:.0f}")
+            md.append("")
     prov = sorted({(c["provenance"]["command"], c["provenance"]["device"]) for c in cells})
     md.append("Commands and devices:")
     md += [f"- `{cmd}` on {dev}" for cmd, dev in prov]
@@ -362,6 +447,13 @@ def plot(cells: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # one panel per (length, task), from the largest sample count there (the others are
+    # older, smaller runs of the same cells)
+    most = {}
+    for c in cells:
+        k = (c["length"], c["task"])
+        most[k] = max(most.get(k, 0), c["key_fields"]["samples"])
+    cells = [c for c in cells if c["key_fields"]["samples"] == most[(c["length"], c["task"])]]
     panels = sorted({(c["length"], c["task"]) for c in cells})
     if not panels:
         return
@@ -375,17 +467,17 @@ def plot(cells: list[dict], path: Path) -> None:
                 ax.axhline(c["score"], color="k", ls="--", label="full")
         for pol in sorted({_label(c) for c in here if c["policy"] != "full" and c["fraction"]}):
             pts = sorted(
-                (c["fraction"], c["score"]) for c in here if _label(c) == pol and c["fraction"]
+                (c["fraction"], *_stats(c)) for c in here if _label(c) == pol and c["fraction"]
             )
             # a small horizontal offset per policy, so equal scores stay visible
             dx = 2 ** (0.05 * (labels.index(pol) - len(labels) / 2))
-            xs, ys = [x * dx for x, _ in pts], [y for _, y in pts]
-            ax.plot(xs, ys, "o-", color=colors[pol], label=pol)
+            xs, ys, es = [x * dx for x, _, _ in pts], [y for _, y, _ in pts], [e for *_, e in pts]
+            ax.errorbar(xs, ys, yerr=es, fmt="o-", capsize=2, color=colors[pol], label=pol)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("kept fraction M / L")
         ax.set_ylabel("score")
         ax.set_ylim(-3, 103)
-        ax.set_title(f"{task}, {L // 1024}K")
+        ax.set_title(f"{task}, {L // 1024}K, n={most[(L, task)]}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     fig.tight_layout()

@@ -39,6 +39,67 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(_canonical(obj).encode()).hexdigest()[:16]
 
 
+def mean_se(xs: Any) -> tuple[float, float]:
+    """Mean and its standard error, sample std (ddof 1) / sqrt(n); SE 0 for a single value.
+    For 0/1 outcomes (passkey hits, RULER's per-sample scores on single-answer tasks) an SE of 0
+    means every sample agreed, not certainty: with n samples all wrong, the 95% upper bound on
+    the rate is about 3 / n."""
+    a = np.asarray(xs, np.float64)
+    if a.size == 0:
+        raise ValueError("mean_se of no values")
+    se = float(a.std(ddof=1) / np.sqrt(a.size)) if a.size > 1 else 0.0
+    return float(a.mean()), se
+
+
+def block_means(nll: Any, n_tokens: int, block: int) -> list[float]:
+    """Mean NLL of each consecutive block of ``block`` predictions among the first
+    ``n_tokens - 1`` (the predictions inside the first n_tokens tokens); a short last block is
+    dropped unless it is the only one."""
+    a = np.asarray(nll, np.float64)[: n_tokens - 1]
+    n = max(len(a) // block, 1)
+    return [float(a[i * block : (i + 1) * block].mean()) for i in range(n)]
+
+
+def perplexity_se(blocks: Any) -> float:
+    """Standard error of exp(mean NLL) from per-block mean NLLs (delta method: ppl * SE of the
+    mean block NLL). Blocks of consecutive tokens, so the correlation between neighbouring
+    tokens stays mostly inside a block."""
+    m, se = mean_se(blocks)
+    return float(np.exp(m) * se)
+
+
+def best_of(entries: list[tuple[str, float, float]], higher: bool = True) -> list[tuple]:
+    """entries (label, mean, se) -> the entries whose mean is the best (ties all kept, in
+    label order); higher=False for perplexity."""
+    if not entries:
+        return []
+    top = (max if higher else min)(m for _, m, _ in entries)
+    return sorted(e for e in entries if e[1] == top)
+
+
+def best_table(rows: list[dict], fmt: str) -> list[str]:
+    """Markdown rows for the eval scripts' best_rows(): dicts with benchmark, length, n, best
+    and candidates ((label, mean, se), best first), full ((mean, se) or None) and optionally
+    note (appended to the runner-up, e.g. its paired gap to the best)."""
+    out = ["| benchmark | L | n | best baseline | its score | runner-up | full |"]
+    out.append("|---|---|---|---|---|---|---|")
+    for r in rows:
+        names = " = ".join(b[0] for b in r["best"])
+        _, m, se = r["best"][0]
+        rest = [e for e in r["candidates"] if e[0] not in {b[0] for b in r["best"]}]
+        runner = f"{rest[0][0]} {fmt.format(rest[0][1], rest[0][2])}" if rest else "-"
+        if rest and r.get("note"):
+            runner += f" ({r['note']})"
+        full = "-"
+        if r["full"]:
+            full = fmt.format(*r["full"]) if r["full"][1] == r["full"][1] else f"{r['full'][0]:.2f}"
+        out.append(
+            f"| {r['benchmark']} | {r['length']} | {r['n']} | {names} | {fmt.format(m, se)} "
+            f"| {runner} | {full} |"
+        )
+    return out
+
+
 def text_fingerprint(path: str | Path) -> dict[str, str]:
     data = Path(path).read_bytes()
     return {"name": Path(path).name, "sha256": hashlib.sha256(data).hexdigest()[:16]}

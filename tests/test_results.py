@@ -77,3 +77,36 @@ def test_weights_hash_sees_one_changed_weight():
     b = {"embed": jnp.zeros((3, 2)), "layers": {"w": jnp.ones((2, 2)).at[1, 1].set(1.0001)}}
     assert results.weights_hash(a) == results.weights_hash(dict(a))
     assert results.weights_hash(a) != results.weights_hash(b)
+
+
+def test_mean_se_is_sample_std_over_sqrt_n():
+    assert results.mean_se([1.0, 0.0, 1.0, 0.0]) == pytest.approx((0.5, 0.5 / 2 * (4 / 3) ** 0.5))
+    assert results.mean_se([100.0] * 8) == (100.0, 0.0)
+    assert results.mean_se([3.0]) == (3.0, 0.0)
+    with pytest.raises(ValueError):
+        results.mean_se([])
+
+
+def test_block_means_and_perplexity_se():
+    import numpy as np
+
+    nll = np.arange(10, dtype=np.float64)  # predictions of an 11-token text
+    assert results.block_means(nll, 11, 4) == [1.5, 5.5]  # the short last block is dropped
+    assert results.block_means(nll, 5, 4) == [1.5]
+    assert results.block_means(nll, 3, 4) == [0.5]  # one short block is kept
+    blocks = [2.0, 2.2, 1.8, 2.0]
+    m, se = results.mean_se(blocks)
+    assert results.perplexity_se(blocks) == pytest.approx(np.exp(m) * se)
+    assert results.perplexity_se([2.0, 2.0]) == 0.0
+
+
+def test_best_of_keeps_ties_and_direction():
+    e = [("a", 50.0, 10.0), ("b", 75.0, 5.0), ("c", 75.0, 8.0), ("d", 20.0, 1.0)]
+    assert [x[0] for x in results.best_of(e)] == ["b", "c"]
+    assert [x[0] for x in results.best_of(e, higher=False)] == ["d"]
+    assert results.best_of([]) == []
+    rows = [
+        dict(benchmark="t", length=2048, n=8, best=results.best_of(e), candidates=e, full=None),
+    ]
+    table = results.best_table(rows, "{:.0f} ± {:.0f}")
+    assert table[2] == "| t | 2048 | 8 | b = c | 75 ± 5 | a 50 ± 10 | - |"

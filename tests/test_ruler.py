@@ -91,3 +91,41 @@ def test_scores_are_rulers_string_match():
     assert total == 50.0
     total, _ = eval_ruler.score("qa_1", ["Paris, France"], [["London", "paris"]])
     assert total == 100.0
+
+
+def _cell(task, policy, label_cfg, fraction, per_sample, samples=4):
+    return {
+        "key": "k",
+        "task": task,
+        "length": 2048,
+        "policy": policy,
+        "fraction": fraction,
+        "cache_size": int(2048 * fraction) if fraction else 2100,
+        "per_sample": per_sample,
+        "score": sum(per_sample) / len(per_sample),
+        "key_fields": {"samples": samples, "seed": 0, "config": label_cfg},
+    }
+
+
+def test_best_baseline_only_from_the_chosen_settings():
+    from dataclasses import asdict
+
+    from lococo_jax.config import CompressionConfig
+
+    def cfg(policy, **kw):
+        return asdict(CompressionConfig(policy=policy, cache_size=512, chunk_size=128, **kw))
+
+    cells = [
+        _cell("niah_single_1", "full", cfg("full"), None, [100.0] * 4),
+        _cell("niah_single_1", "tova", cfg("tova"), 0.25, [100.0, 100.0, 0.0, 0.0]),
+        _cell("niah_single_1", "keydiff", cfg("keydiff"), 0.25, [100.0, 0.0, 100.0, 0.0]),
+        # a swept, not chosen, setting scores higher: it must not be named best
+        _cell("niah_single_1", "h2o", cfg("h2o", h2o_recent=256), 0.25, [100.0] * 4),
+        _cell("niah_single_1", "h2o", cfg("h2o", h2o_recent=128), 0.25, [0.0] * 4),
+        _cell("niah_single_1", "tova", cfg("tova"), 0.125, [100.0] * 4),  # other fraction
+    ]
+    (row,) = eval_ruler.best_rows(cells, 0.25)
+    assert [b[0] for b in row["best"]] == ["keydiff", "tova"]
+    assert row["best"][0][1:] == pytest.approx((50.0, 28.8675))
+    assert row["full"] == (100.0, 0.0)
+    assert [c[0] for c in row["candidates"]][-1] == "h2o recent 1/4 M"
