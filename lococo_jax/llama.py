@@ -88,6 +88,84 @@ def attend(
     return out.reshape(b, t, cfg.num_attention_heads, hd), probs
 
 
+ATTENTION = ("flash", "explicit", "dot_product_attention")
+
+
+def causal_attention(
+    cfg: LlamaConfig, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, block: int = 512
+) -> jnp.ndarray:
+    """Causal grouped-query attention in blocks, flash style: no [T, T] probability tensor.
+
+    q: [batch, T, heads, hd]; k, v: [batch, T, kv_heads, hd] -> out [batch, T, heads, hd].
+    Query blocks run one at a time (lax.map); each folds in the key blocks up to its diagonal
+    with a running max and sum (online softmax), and skips those above it (lax.cond), so work
+    and memory are those of the causal half in tiles of [group * block, block]. The loops have
+    static trip counts, so the function is reverse-differentiable. The logits are fp32 and
+    scaled after the dot, as in ``attend``; T need not divide by block (padded, masked keys)."""
+    b, t, h, hd = q.shape
+    kv, g = cfg.num_key_value_heads, cfg.q_per_kv
+    blk = min(block, t)
+    n = -(-t // blk)
+    pad = n * blk - t
+    if pad:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+    # Rows of a query tile are (group head, position): one batched matmul per (row, kv head).
+    qb = q.reshape(b, n, blk, kv, g, hd).transpose(1, 0, 3, 4, 2, 5).reshape(n, b, kv, g * blk, hd)
+    kb = k.reshape(b, n, blk, kv, hd).transpose(1, 0, 3, 2, 4)  # [n, b, kv, blk, hd]
+    vb = v.reshape(b, n, blk, kv, hd).transpose(1, 0, 3, 2, 4)
+    row_t = jnp.tile(jnp.arange(blk, dtype=jnp.int32), g)  # tile row -> position in block
+    scale = 1.0 / jnp.sqrt(jnp.float32(hd))
+
+    def q_block(i):
+        qi = qb[i]
+        qpos = i * blk + row_t
+
+        def fold(j, carry):
+            m, s, acc = carry
+            logits = jnp.einsum("bkqd,bksd->bkqs", qi, kb[j], preferred_element_type=jnp.float32)
+            kpos = j * blk + jnp.arange(blk, dtype=jnp.int32)
+            logits = jnp.where(kpos[None, :] <= qpos[:, None], logits * scale, NEG_INF)
+            m_new = jnp.maximum(m, logits.max(axis=-1))
+            p = jnp.exp(logits - m_new[..., None])
+            corr = jnp.exp(m - m_new)
+            pv = jnp.einsum(
+                "bkqs,bksd->bkqd", p.astype(vb.dtype), vb[j], preferred_element_type=jnp.float32
+            )
+            return m_new, s * corr + p.sum(axis=-1), acc * corr[..., None] + pv
+
+        def step(j, carry):  # key blocks past the diagonal hold no visible key
+            return jax.lax.cond(j <= i, fold, lambda _, c: c, j, carry)
+
+        init = (
+            jnp.full((b, kv, g * blk), -jnp.inf, jnp.float32),
+            jnp.zeros((b, kv, g * blk), jnp.float32),
+            jnp.zeros((b, kv, g * blk, hd), jnp.float32),
+        )
+        _, s, acc = jax.lax.fori_loop(0, n, step, init)
+        return (acc / s[..., None]).astype(q.dtype)
+
+    out = jax.lax.map(q_block, jnp.arange(n))  # [n, b, kv, g * blk, hd]
+    out = out.reshape(n, b, kv, g, blk, hd).transpose(1, 0, 4, 2, 3, 5)
+    return out.reshape(b, n * blk, h, hd)[:, :t]
+
+
+def full_causal_attention(
+    cfg: LlamaConfig, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, attention: str = "flash"
+) -> jnp.ndarray:
+    """Causal attention over the whole input by a named implementation (see ATTENTION):
+    "flash" (causal_attention), "explicit" (``attend`` with the [T, T] fp32 probabilities),
+    "dot_product_attention" (jax.nn.dot_product_attention, XLA). Shapes as causal_attention."""
+    if attention == "flash":
+        return causal_attention(cfg, q, k, v)
+    if attention == "explicit":
+        b, t = q.shape[:2]
+        mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), dtype=bool)), (b, t, t))
+        return attend(cfg, q, k, v, mask)[0]
+    if attention == "dot_product_attention":
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+
+
 def attn_out_and_mlp(
     cfg: LlamaConfig,
     lp: Params,
@@ -117,6 +195,34 @@ def lm_head(cfg: LlamaConfig, params: Params, x: jnp.ndarray) -> jnp.ndarray:
     return jnp.einsum("bth,hv->btv", x, w, preferred_element_type=jnp.float32)
 
 
+def hidden_states(
+    params: Params,
+    tokens: jnp.ndarray,
+    cfg: LlamaConfig,
+    *,
+    positions: jnp.ndarray | None = None,
+    lora_scale: float = 1.0,
+    attention: str = "flash",
+) -> jnp.ndarray:
+    """The decoder stack with full causal attention: tokens [batch, T] -> [batch, T, hidden]
+    (before the final norm). ``attention`` names the implementation (see ATTENTION)."""
+    b, t = tokens.shape
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    lora = params.get("lora")
+
+    def layer(x, xs):
+        lp, ll = xs
+        q, k, v = qkv(cfg, lp, x, positions, ll, lora_scale)
+        out = full_causal_attention(cfg, q, k, v, attention)
+        return attn_out_and_mlp(cfg, lp, x, out, ll, lora_scale), None
+
+    x, _ = jax.lax.scan(layer, embed(params, tokens), (params["layers"], lora))
+    return x
+
+
 def forward(
     params: Params,
     tokens: jnp.ndarray,
@@ -124,21 +230,15 @@ def forward(
     *,
     positions: jnp.ndarray | None = None,
     lora_scale: float = 1.0,
+    attention: str = "flash",
 ) -> jnp.ndarray:
-    """Full causal attention over the whole input. tokens [batch, T] -> logits [batch, T, vocab]."""
-    b, t = tokens.shape
-    if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), dtype=bool)), (b, t, t))
-    lora = params.get("lora")
+    """Full causal attention over the whole input. tokens [batch, T] -> logits [batch, T, vocab].
 
-    def layer(x, xs):
-        lp, ll = xs
-        q, k, v = qkv(cfg, lp, x, positions, ll, lora_scale)
-        out, _ = attend(cfg, q, k, v, mask)
-        return attn_out_and_mlp(cfg, lp, x, out, ll, lora_scale), None
-
-    x, _ = jax.lax.scan(layer, embed(params, tokens), (params["layers"], lora))
+    attention: "flash" (default: blocked, no [T, T] probabilities), "explicit" (the softmax
+    of ``attend``) or "dot_product_attention" (jax.nn's XLA path); see full_causal_attention."""
+    x = hidden_states(
+        params, tokens, cfg, positions=positions, lora_scale=lora_scale, attention=attention
+    )
     return lm_head(cfg, params, x)
 
 

@@ -72,7 +72,38 @@ def _step_info(state: KVState, n_new: jax.Array, T: int) -> StepInfo:
 
 
 def _entries(ls: dict[str, jax.Array], g: StepInfo, obs: jax.Array | None = None) -> Entries:
-    """Slots + window of one layer, compacted so the valid entries come first (in order)."""
+    """Slots + window of one layer, compacted so the valid entries come first (in order).
+
+    In the steady state (every row's slots and window full: every entry valid) compaction is
+    the identity, so a lax.cond skips its sort and gathers there; both branches give the
+    same entries."""
+    M, W = ls["k"].shape[2], ls["win_k"].shape[2]
+    all_full = jnp.all((g.filled == M) & (g.win_valid == W))
+    return jax.lax.cond(all_full, _entries_full, _entries_compacted, ls, g, obs)
+
+
+def _entries_full(ls: dict[str, jax.Array], g: StepInfo, obs: jax.Array | None) -> Entries:
+    """_entries when every entry of every row is valid: slots then window, as they are."""
+    M, W = ls["k"].shape[2], ls["win_k"].shape[2]
+    b, kv = ls["k"].shape[:2]
+    win_pos = (g.seen - g.win_valid)[:, None] + jnp.arange(W, dtype=jnp.int32)[None]
+    pos = jnp.concatenate([ls["pos"], jnp.broadcast_to(win_pos[:, None], (b, kv, W))], axis=2)
+    acc = jnp.concatenate([ls["score"], jnp.zeros((b, kv, W), jnp.float32)], axis=2)
+    return Entries(
+        k=jnp.concatenate([ls["k"], ls["win_k"]], axis=2),
+        v=jnp.concatenate([ls["v"], ls["win_v"]], axis=2),
+        pos=pos,
+        valid=jnp.ones((b, kv, M + W), bool),
+        acc=acc + ls["win_score"],
+        chunk=ls["win_score"],
+        last=ls["last_score"],
+        n_valid=g.filled + g.win_valid,
+        obs=obs,
+    )
+
+
+def _entries_compacted(ls: dict[str, jax.Array], g: StepInfo, obs: jax.Array | None) -> Entries:
+    """_entries in general: a stable sort moves each row's valid entries to the front."""
     M, W = ls["k"].shape[2], ls["win_k"].shape[2]
     b, kv = ls["k"].shape[:2]
     valid = jnp.concatenate(
@@ -128,19 +159,29 @@ def _append(ls: dict[str, jax.Array], g: StepInfo) -> Slots:
 
 
 def _compress(ccfg: CompressionConfig, cp: Any, ls, g: StepInfo, obs=None) -> Slots:
-    """The next M slots: the valid entries while they fit, else the policy's choice (per row)."""
-    fill = _append(ls, g)
+    """The next M slots: the valid entries while they fit, else the policy's choice (per row).
+
+    Only what applies runs (lax.switch): the append alone while every row fits (the first
+    chunks), the policy alone once no row does (the steady state), both with a per-row
+    select when rows differ."""
     if ccfg.policy == "full":
-        return fill
-    e = _entries(ls, g, obs)
-    out = policies.get(ccfg.policy)(ccfg, cp, e)
-    b = e.n_valid.shape[0]
-    fits = e.n_valid <= ccfg.cache_size
+        return _append(ls, g)
+    fits = g.filled + g.win_valid <= ccfg.cache_size  # [b]
 
-    def pick(f, o):
-        return jnp.where(fits.reshape((b,) + (1,) * (f.ndim - 1)), f, o)
+    def policy():
+        return policies.get(ccfg.policy)(ccfg, cp, _entries(ls, g, obs))
 
-    return Slots(*(pick(f, o) for f, o in zip(fill, out, strict=True)))
+    def mixed():
+        fill, out = _append(ls, g), policy()
+        b = fits.shape[0]
+
+        def pick(f, o):
+            return jnp.where(fits.reshape((b,) + (1,) * (f.ndim - 1)), f, o)
+
+        return Slots(*(pick(f, o) for f, o in zip(fill, out, strict=True)))
+
+    case = jnp.where(jnp.all(fits), 0, jnp.where(jnp.any(fits), 2, 1))
+    return jax.lax.switch(case, [lambda: _append(ls, g), policy, mixed])
 
 
 def _write_window(win: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
