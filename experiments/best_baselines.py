@@ -62,7 +62,7 @@ def main() -> None:
         "",
         "### RULER",
         "",
-        *results.best_table(eval_ruler.best_rows(ruler_cells, f), "{:.0f} ± {:.0f}"),
+        *results.best_table(eval_ruler.best_rows(ruler_cells, f), "{:.1f} ± {:.1f}"),
         "",
     ]
     text = "\n".join(md)

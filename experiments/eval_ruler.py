@@ -224,8 +224,21 @@ def main() -> None:
         default="ruler",
         help="stem of the result files (default ruler)",
     )
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the markdown and PNG from the cells already in the file; run nothing",
+    )
     _policy_args.add(ap)
     args = ap.parse_args()
+    if args.report_only:
+        from lococo_jax import results
+
+        path = results.output_path(f"{args.name}.json", args.out, args.write)
+        if not path.exists():
+            raise SystemExit(f"{path} does not exist")
+        write_reports(results.ResultStore(path))
+        return
     for t in args.tasks:
         if t not in ALL_TASKS:
             raise SystemExit(f"unknown task {t!r}; RULER's 13: {', '.join(ALL_TASKS)}")
@@ -326,7 +339,7 @@ def _fmt(c: dict | None) -> str:
     if c is None:
         return "-"
     m, se = _stats(c)
-    return f"{m:.0f} ± {se:.0f}"
+    return f"{m:.1f} ± {se:.1f}"
 
 
 def groups(cells: list[dict]) -> list[tuple[int, int, int]]:
@@ -430,7 +443,7 @@ def write_reports(store) -> None:
         if rows:
             md.append(f"### Best baseline at kept {Fraction(frac).limit_denominator(64)}")
             md.append("")
-            md += results.best_table(rows, "{:.0f} ± {:.0f}")
+            md += results.best_table(rows, "{:.1f} ± {:.1f}")
             md.append("")
     prov = sorted({(c["provenance"]["command"], c["provenance"]["device"]) for c in cells})
     md.append("Commands and devices:")
