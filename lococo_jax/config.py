@@ -17,6 +17,7 @@ POLICIES = ("full", "streaming", "h2o", "tova", "snapkv", "keydiff", "lococo")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "identity")
 FUSION_IMPLS = ("auto", "pallas", "reference")
 NORMALIZERS = ("sigmoid", "clip", "official")
+CONV_INITS = ("normal", "fan_in", "spread")
 # config.json key of a linear RoPE factor composed on top of llama3 scaling (ours only).
 LINEAR_FACTOR_KEY = "lococo_linear_factor"
 
@@ -305,6 +306,9 @@ class CompressionConfig:
     # Conv weight init: "normal" is N(0, 1) as the official code; "fan_in" is N(0, 1/(in*k)).
     # With N(0, 1) the conv logits have a std of ~50 on SmolLM2's keys/values, so the softmax
     # over positions is nearly one-hot (mean max weight 0.95): a pointer more than a blend.
+    # "spread" is N(0, 0.01/(in*k)) with bias 1: the conv logits start nearly equal across
+    # positions (and positive, inside relu's linear part), so each fused slot starts as a
+    # spread-out blend of the rest entries whose softmax passes gradient to every position.
     conv_init: str = "normal"
     # How the learned normaliser a of W = a A + (1 - a) R is parametrised (NORMALIZERS):
     # "sigmoid": the stored parameter is logit(a); a = sigmoid(param) stays in (0, 1) and its
@@ -400,9 +404,9 @@ class CompressionConfig:
                 f"got {self.normalizer_init}",
             )
             _check(
-                self.conv_init in ("normal", "fan_in"),
+                self.conv_init in CONV_INITS,
                 "conv_init",
-                f"must be 'normal' or 'fan_in', got {self.conv_init!r}",
+                f"must be one of {CONV_INITS}, got {self.conv_init!r}",
             )
         _check(self.fusion_impl in FUSION_IMPLS, "fusion_impl", f"not in {FUSION_IMPLS}")
         _check(

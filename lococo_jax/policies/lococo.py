@@ -45,21 +45,23 @@ def conv_channels(cfg: LlamaConfig, ccfg: CompressionConfig) -> list[tuple[int, 
 
 def init_params(key: jax.Array, cfg: LlamaConfig, ccfg: CompressionConfig) -> dict[str, Any]:
     """One compressor per layer, stacked on L: convs[i].w [L, k, in, out] ~ N(0, 1) (as the
-    official code; N(0, 1/(in*k)) with conv_init "fan_in"), convs[i].b [L, out] ~
-    U(+-1/sqrt(in*k)) (torch Conv1d's default), normalizer [L] = the parameter that gives
+    official code; N(0, 1/(in*k)) with conv_init "fan_in", N(0, 0.01/(in*k)) with "spread"),
+    convs[i].b [L, out] ~ U(+-1/sqrt(in*k)) (torch Conv1d's default; 1 with "spread", so the
+    near-equal logits sit in relu's linear part), normalizer [L] = the parameter that gives
     a = normalizer_init (normalizer_param)."""
     L, k = cfg.num_hidden_layers, ccfg.kernel_size
+    scale = {"normal": lambda fan_in: 1.0, "fan_in": lambda fan_in: 1.0 / math.sqrt(fan_in)}
+    scale["spread"] = lambda fan_in: 0.1 / math.sqrt(fan_in)
     convs = []
     for cin, cout in conv_channels(cfg, ccfg):
         key, kw, kb = jax.random.split(key, 3)
         bound = 1.0 / math.sqrt(cin * k)
-        convs.append(
-            {
-                "w": jax.random.normal(kw, (L, k, cin, cout), jnp.float32)
-                * (bound if ccfg.conv_init == "fan_in" else 1.0),
-                "b": jax.random.uniform(kb, (L, cout), jnp.float32, -bound, bound),
-            }
-        )
+        w = jax.random.normal(kw, (L, k, cin, cout), jnp.float32) * scale[ccfg.conv_init](cin * k)
+        if ccfg.conv_init == "spread":
+            b = jnp.ones((L, cout), jnp.float32)
+        else:
+            b = jax.random.uniform(kb, (L, cout), jnp.float32, -bound, bound)
+        convs.append({"w": w, "b": b})
     a0 = jnp.full((L,), ccfg.normalizer_init, jnp.float32)
     return {"convs": convs, "normalizer": normalizer_param(ccfg, a0)}
 

@@ -19,6 +19,8 @@ import yaml
 from lococo_jax import data, lora, optim, sharding
 from lococo_jax.config import CompressionConfig, ConfigError
 
+OBJECTIVES = ("lm", "distill", "lm+distill", "layerwise")
+
 # Fields that may change between a checkpoint and its resume. ``steps`` may grow: a finished
 # run is extended by raising it (the schedule is then recomputed for the new length).
 RESUMABLE_FIELDS = frozenset(
@@ -63,6 +65,13 @@ class TrainConfig:
     init_compressors: str | None = None
     # Training.
     mode: str = "inference"
+    # What the trainable leaves learn from (OBJECTIVES): "lm" the next-token loss through the
+    # compressed cache; "distill" the KL divergence from the frozen base model's own
+    # full-attention next-token distribution (teacher logits from one forward pass per sample);
+    # "lm+distill" NLL + distill_weight * KL; "layerwise" the layer-local attention-output loss
+    # (train.layerwise: compressors only, inference mode, train_norms_embed false).
+    objective: str = "lm"
+    distill_weight: float = 1.0
     clean_period: int = 4
     batch_size: int = 8
     steps: int = 20
@@ -133,6 +142,21 @@ class TrainConfig:
             f"must be in [1, steps={self.steps}] or null, got {self.stop_after}",
         )
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(self.objective in OBJECTIVES, "objective", f"{self.objective!r} not in {OBJECTIVES}")
+        check(
+            self.distill_weight > 0 or "distill" not in self.objective,
+            "distill_weight",
+            f"objective {self.objective!r} needs distill_weight > 0, got {self.distill_weight}",
+        )
+        check(
+            self.objective != "layerwise"
+            or (
+                self.policy == "lococo" and self.mode == "inference" and not self.train_norms_embed
+            ),
+            "objective",
+            "'layerwise' trains the lococo compressors alone: it needs policy lococo, mode "
+            "inference and train_norms_embed false",
+        )
         self.compression()  # its own checks name its fields
         check(
             self.policy != "lococo" or (self.clean_period - 1) * self.block_size > self.cache_size,

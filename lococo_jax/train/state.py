@@ -70,7 +70,10 @@ def init_trainable(
         out["lora"] = lora.init_lora(k_lora, cfg, tcfg.lora(), jnp.float32)
     if tcfg.train_norms_embed:
         out |= norms_embed(base)
-    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), out)
+    # A copy, never a view: an fp32 base would otherwise share its embedding and norm buffers
+    # with the donated train state, and a step that also reads the base (the distillation
+    # teacher) would use a donated buffer.
+    return jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), out)
 
 
 def merge(base: Params, trainable: Params) -> Params:

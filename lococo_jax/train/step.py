@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lococo_jax import kv_state, longctx
+from lococo_jax import kv_state, llama, longctx
 from lococo_jax.config import CompressionConfig, LlamaConfig
+from lococo_jax.train import layerwise
 from lococo_jax.train import state as train_state
 
 if TYPE_CHECKING:
@@ -35,9 +36,15 @@ def loss_fn(
     truncate: bool,
     lora_scale: float,
     state_shardings: Any = None,
+    teacher_logits: jax.Array | None = None,
+    lm_weight: float = 1.0,
+    distill_weight: float = 0.0,
 ) -> jax.Array:
-    """Mean next-token NLL over a batch. tokens [b, clean_period * B + 1] (-1 = no target);
-    params: the merged model params (train_state.merge)."""
+    """lm_weight * mean next-token NLL + distill_weight * mean KL(teacher || model) over a batch.
+
+    tokens [b, clean_period * B + 1] (-1 = no target); params: the merged model params
+    (train_state.merge); teacher_logits [b, clean_period * B, vocab] (needed when
+    distill_weight > 0): the frozen model's logits at the same inputs, full attention."""
     b = tokens.shape[0]
     B = ccfg.chunk_size
     chunks = lambda x: x.reshape(b, clean_period, B).transpose(1, 0, 2)  # -> [n, b, B]
@@ -46,7 +53,10 @@ def loss_fn(
     if state_shardings is not None:
         state = jax.lax.with_sharding_constraint(state, state_shardings)
     n_new = jnp.full((clean_period, b), B, jnp.int32)
-    _, _, nll = longctx.scan_chunks(
+    distill = distill_weight > 0
+    if distill and teacher_logits is None:
+        raise ValueError("distill_weight > 0 needs teacher_logits")
+    _, _, ys = longctx.scan_chunks(
         params,
         state,
         jnp.maximum(inp, 0),
@@ -54,12 +64,59 @@ def loss_fn(
         cfg,
         ccfg,
         targets=tgt,
-        output="nll",
+        output="logits" if distill else "nll",
         remat=remat,
         truncate=truncate,
         lora_scale=lora_scale,
     )
-    return nll.sum() / jnp.maximum((tgt >= 0).sum(), 1)
+    has_tgt = tgt >= 0
+    count = jnp.maximum(has_tgt.sum(), 1)
+    if not distill:
+        return lm_weight * ys.sum() / count
+    logp = jax.nn.log_softmax(ys, axis=-1)  # [n, b, B, vocab]
+    picked = jnp.take_along_axis(logp, jnp.maximum(tgt, 0)[..., None], axis=-1)[..., 0]
+    nll = jnp.where(has_tgt, -picked, 0.0).sum() / count
+    t_logp = jax.nn.log_softmax(chunks_v(teacher_logits, clean_period, B), axis=-1)
+    kl = (jnp.exp(t_logp) * (t_logp - logp)).sum(-1)  # [n, b, B]
+    kl = jnp.where(has_tgt, kl, 0.0).sum() / count
+    return lm_weight * nll + distill_weight * kl
+
+
+def chunks_v(x: jax.Array, n: int, B: int) -> jax.Array:
+    """[b, n * B, V] -> [n, b, B, V]."""
+    return x.reshape(x.shape[0], n, B, x.shape[-1]).transpose(1, 0, 2, 3)
+
+
+def objective_loss(run: Run, base: Any, trainable: Any, tokens: jax.Array) -> jax.Array:
+    """The run's objective (TrainConfig.objective) for one batch tokens [b, sample_len + 1]."""
+    tcfg = run.tcfg
+    params = train_state.merge(base, trainable)
+    if tcfg.objective == "layerwise":
+        value, _ = layerwise.loss(
+            params, tokens[:, :-1], run.cfg, run.ccfg, lora_scale=tcfg.lora_scale, remat=tcfg.remat
+        )
+        return value
+    teacher = None
+    lm_weight = 0.0 if tcfg.objective == "distill" else 1.0
+    distill_weight = tcfg.distill_weight if "distill" in tcfg.objective else 0.0
+    if distill_weight > 0:  # the frozen base (no LoRA, no trained norms), full attention
+        teacher = jax.lax.stop_gradient(
+            llama.forward(base, jnp.maximum(tokens[:, :-1], 0), run.cfg)
+        )
+    return loss_fn(
+        params,
+        tokens,
+        run.cfg,
+        run.ccfg,
+        clean_period=tcfg.clean_period,
+        remat=tcfg.remat,
+        truncate=tcfg.truncate,
+        lora_scale=tcfg.lora_scale,
+        state_shardings=run.state_shardings,
+        teacher_logits=teacher,
+        lm_weight=lm_weight,
+        distill_weight=distill_weight,
+    )
 
 
 def make_train_step(run: Run, jit: bool = True):
@@ -68,21 +125,11 @@ def make_train_step(run: Run, jit: bool = True):
     With jit, the step is jax.jit with the run's shardings (train state donated; base and
     batch not). ``step.lower(run.abstract_ts, run.abstract_base, abstract_batch)`` compiles it
     ahead of time from abstract values (see Run.abstract_batch)."""
-    tcfg, tx = run.tcfg, run.tx
+    tx = run.tx
 
     def step(ts, base, tokens):
         def f(trainable):
-            return loss_fn(
-                train_state.merge(base, trainable),
-                tokens,
-                run.cfg,
-                run.ccfg,
-                clean_period=tcfg.clean_period,
-                remat=tcfg.remat,
-                truncate=tcfg.truncate,
-                lora_scale=tcfg.lora_scale,
-                state_shardings=run.state_shardings,
-            )
+            return objective_loss(run, base, trainable, tokens)
 
         loss, grads = jax.value_and_grad(f)(ts["trainable"])
         updates, opt_state = tx.update(grads, ts["opt_state"], ts["trainable"])
