@@ -272,7 +272,7 @@ def _run_layers(
         )
     else:
         glob = dict(filled=g.filled, win_valid=g.win_valid, win_len=g.win_len + T)
-    return llama.lm_head(cfg, params, x), state.replace(**new_layers, **glob, seen=g.seen)
+    return x, state.replace(**new_layers, **glob, seen=g.seen)
 
 
 def apply(
@@ -300,6 +300,26 @@ def apply(
     carry no gradient (see scan_chunks).
     Returns logits [b, T, vocab] fp32 and the new state.
     """
+    x, state = apply_hidden(
+        params, tokens, state, cfg, ccfg, n_new=n_new, lora_scale=lora_scale, truncate=truncate
+    )
+    return llama.lm_head(cfg, params, x), state
+
+
+def apply_hidden(
+    params: dict[str, Any],
+    tokens: jax.Array,
+    state: KVState,
+    cfg: LlamaConfig,
+    ccfg: CompressionConfig,
+    *,
+    n_new: jax.Array | None = None,
+    lora_scale: float = 1.0,
+    truncate: bool = False,
+) -> tuple[jax.Array, KVState]:
+    """``apply`` without the vocabulary projection: the last layer's output x [b, T, hidden]
+    (before the final norm; llama.lm_head(cfg, params, x) gives apply's logits) and the new
+    state. For callers that need logits at a few positions only (a prefill's last token)."""
     b, T = tokens.shape
     W = ccfg.chunk_size
     _check_call(params, state, cfg, ccfg, b)
@@ -314,16 +334,16 @@ def apply(
     g = _step_info(state, n_new, T)
     run = functools.partial(_run_layers, params, tokens, state, g, cfg, ccfg)
     if T == W:
-        logits, new = run(True, lora_scale, truncate)
+        x, new = run(True, lora_scale, truncate)
     else:
-        logits, new = jax.lax.cond(
+        x, new = jax.lax.cond(
             state.win_len + T >= W,
             lambda: run(True, lora_scale, truncate),
             lambda: run(False, lora_scale, truncate),
         )
     if bad is not None:
-        logits = jnp.where(bad, jnp.nan, logits)
-    return logits, new
+        x = jnp.where(bad, jnp.nan, x)
+    return x, new
 
 
 def _concrete(x: Any) -> bool:
@@ -431,11 +451,15 @@ def scan_chunks(
     def chunk(carry, xs):
         st, last = carry
         tok, nn, tgt = xs
-        logits, st = apply(
+        x, st = apply_hidden(
             params, tok, st, cfg, ccfg, n_new=nn, lora_scale=lora_scale, truncate=truncate
         )
-        at_last = jnp.take_along_axis(logits, jnp.maximum(nn - 1, 0)[:, None, None], axis=1)
-        last = jnp.where(nn[:, None] > 0, at_last[:, 0], last)
+        # The vocabulary projection of the last valid token alone (a [b, 1] slice of x), and
+        # of every token only where the output needs them.
+        x_last = jnp.take_along_axis(x, jnp.maximum(nn - 1, 0)[:, None, None], axis=1)
+        at_last = llama.lm_head(cfg, params, x_last)[:, 0]
+        last = jnp.where(nn[:, None] > 0, at_last, last)
+        logits = llama.lm_head(cfg, params, x) if output != "last" else None
         if output == "logits":
             y = logits
         elif output == "nll":
