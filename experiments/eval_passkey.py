@@ -59,7 +59,10 @@ def plot(cells: list[dict], path: Path) -> None:
     ]
     fixed = [c for c in cells if c["fraction"] is None]
     frac = [c for c in cells if c["fraction"] is not None]
-    panels = [p for p, here in (("fixed", fixed), ("frac", frac)) if here]
+    # a fixed-M panel holding only full attention (the kept-fraction sweep's reference) adds
+    # nothing: full is drawn in the kept-fraction panel
+    show_fixed = any(c["policy"] != "full" for c in fixed) or not frac
+    panels = [p for p, here in (("fixed", fixed if show_fixed else []), ("frac", frac)) if here]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
         if panel == "fixed":
@@ -147,8 +150,20 @@ def main() -> None:
         default="passkey",
         help="stem of the result files (default passkey; the sweeps: passkey_fractions)",
     )
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the markdown and PNG from the cells already in the file; run nothing",
+    )
     _policy_args.add(ap)
     args = ap.parse_args()
+    if args.report_only:
+        path = results.output_path(f"{args.name}.json", args.out, args.write)
+        if not path.exists():
+            raise SystemExit(f"{path} does not exist")
+        store = results.ResultStore(path)
+        _write(store)
+        return
 
     cfg, params, tok = load_model(args.model)
     model_fp = results.model_fingerprint(cfg, params, args.model)
@@ -205,6 +220,10 @@ def main() -> None:
                 name = _policy_args.describe(ccfg)
                 print(f"{name} M={M} L={L}: {res['accuracy']:.2f}", flush=True)
 
+    _write(store)
+
+
+def _write(store: results.ResultStore) -> None:
     md = report(store)
     print("\n" + md)
     store.path.with_suffix(".md").write_text(md)

@@ -294,8 +294,20 @@ def main() -> None:
         default="perplexity",
         help="stem of the result files (default perplexity; the sweeps: perplexity_fractions)",
     )
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the markdown and PNG from the cells already in the file; run nothing",
+    )
     _policy_args.add(ap)
     args = ap.parse_args()
+    if args.report_only:
+        path = results.output_path(f"{args.name}.json", args.out, args.write)
+        if not path.exists():
+            raise SystemExit(f"{path} does not exist")
+        store = results.ResultStore(path)
+        _write(store)
+        return
 
     cfg0, params, tok = load_model(args.model)
     model_fp = results.model_fingerprint(cfg0, params, args.model)
@@ -368,6 +380,10 @@ def main() -> None:
         )
         print(desc, {k: round(v, 3) for k, v in cell["ppl"].items()}, flush=True)
 
+    _write(store)
+
+
+def _write(store: results.ResultStore) -> None:
     md = report(store)
     print("\n" + md)
     store.path.with_suffix(".md").write_text(md)

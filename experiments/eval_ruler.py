@@ -487,6 +487,11 @@ def plot(cells: list[dict], path: Path) -> None:
             xs, ys, es = [x * dx for x, _, _ in pts], [y for _, y, _ in pts], [e for *_, e in pts]
             ax.errorbar(xs, ys, yerr=es, fmt="o-", capsize=2, color=colors[pol], label=pol)
         ax.set_xscale("log", base=2)
+        fr = sorted({c["fraction"] for c in here if c["fraction"]})
+        if fr:
+            ax.set_xlim(fr[0] / 1.6, fr[-1] * 1.6)
+            ax.set_xticks(fr, [str(Fraction(f).limit_denominator(64)) for f in fr])
+            ax.minorticks_off()
         ax.set_xlabel("kept fraction M / L")
         ax.set_ylabel("score")
         ax.set_ylim(-3, 103)

@@ -87,7 +87,11 @@ def best_table(rows: list[dict], fmt: str) -> list[str]:
         names = " = ".join(b[0] for b in r["best"])
         _, m, se = r["best"][0]
         rest = [e for e in r["candidates"] if e[0] not in {b[0] for b in r["best"]}]
-        runner = f"{rest[0][0]} {fmt.format(rest[0][1], rest[0][2])}" if rest else "-"
+        runner = "-"
+        if rest:
+            tied = [e for e in rest if e[1] == rest[0][1]]
+            more = f" (and {len(tied) - 1} more tied)" if len(tied) > 1 else ""
+            runner = f"{rest[0][0]} {fmt.format(rest[0][1], rest[0][2])}{more}"
         if rest and r.get("note"):
             runner += f" ({r['note']})"
         full = "-"
