@@ -331,6 +331,9 @@ def report(store: results.ResultStore) -> str:
         if rows:
             out.append(f"### Best baseline at kept {Fraction(f).limit_denominator(1024)}\n")
             out.append("\n".join(results.best_table(rows, "{:.2f} ± {:.2f}")) + "\n")
+    note = results.compressor_note(cells)
+    if note:
+        out.append(note + "\n")
     prov = sorted({(c["provenance"]["command"], c["provenance"]["device"]) for c in cells})
     out.append("Commands and devices:\n" + "\n".join(f"- `{a}` on {d}" for a, d in prov))
     return "\n".join(out) + "\n"

@@ -445,6 +445,9 @@ def write_reports(store) -> None:
             md.append("")
             md += results.best_table(rows, "{:.1f} ± {:.1f}")
             md.append("")
+    note = results.compressor_note(cells)
+    if note:
+        md += [note, ""]
     prov = sorted({(c["provenance"]["command"], c["provenance"]["device"]) for c in cells})
     md.append("Commands and devices:")
     md += [f"- `{cmd}` on {dev}" for cmd, dev in prov]

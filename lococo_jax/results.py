@@ -104,6 +104,27 @@ def best_table(rows: list[dict], fmt: str) -> list[str]:
     return out
 
 
+def compressor_note(cells: list[dict[str, Any]]) -> str | None:
+    """One line naming the compressor files (and their sha256) behind a file's lococo cells,
+    or None where there are none: those cells hold for these files only, and a cell is redone
+    when its file's hash changes."""
+    used = sorted(
+        {
+            (c["key_fields"]["compressors"]["file"], c["key_fields"]["compressors"]["sha256"])
+            for c in cells
+            if c.get("key_fields", {}).get("compressors")
+        }
+    )
+    if not used:
+        return None
+    files = ", ".join(f"{f} (sha256 {h})" for f, h in used)
+    return (
+        f"lococo cells come from the compressor files committed when they ran: {files}; "
+        "rerunning the command computes a new cell wherever a file has changed (tables show "
+        "the newest)."
+    )
+
+
 def text_fingerprint(path: str | Path) -> dict[str, str]:
     data = Path(path).read_bytes()
     return {"name": Path(path).name, "sha256": hashlib.sha256(data).hexdigest()[:16]}

@@ -110,3 +110,14 @@ def test_best_of_keeps_ties_and_direction():
     ]
     table = results.best_table(rows, "{:.0f} ± {:.0f}")
     assert table[2] == "| t | 2048 | 8 | b = c | 75 ± 5 | a 50 ± 10 | - |"
+
+
+def test_compressor_note_names_the_files_behind_lococo_cells():
+    cells = [
+        {"key_fields": {"compressors": None}},
+        {"key_fields": {"compressors": {"file": "m128.safetensors", "sha256": "ab"}}},
+        {"key_fields": {"compressors": {"file": "m128.safetensors", "sha256": "ab"}}},
+    ]
+    note = results.compressor_note(cells)
+    assert note.count("m128.safetensors (sha256 ab)") == 1
+    assert results.compressor_note(cells[:1]) is None
