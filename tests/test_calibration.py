@@ -16,7 +16,7 @@ from lococo_jax.policies import lococo
 from lococo_jax.train import layerwise
 from lococo_jax.train.step import loss_fn
 
-M, B, N_CHUNKS = 16, 8, 6
+M, B, N_CHUNKS = 16, 8, 5
 
 
 def _ccfg(**kw) -> CompressionConfig:
