@@ -161,18 +161,17 @@ def _append(ls: dict[str, jax.Array], g: StepInfo) -> Slots:
 def _compress(ccfg: CompressionConfig, cp: Any, ls, g: StepInfo, obs=None) -> Slots:
     """The next M slots: the valid entries while they fit, else the policy's choice (per row).
 
-    Only what applies runs (lax.switch): the append alone while every row fits (the first
-    chunks), the policy alone once no row does (the steady state), both with a per-row
-    select when rows differ."""
+    Only what applies runs (lax.cond): the append alone while every row fits (the first
+    chunks); otherwise the policy, with a per-row select of the append for rows that still
+    fit. The policy (with lococo, the fusion kernel) has one call site in the program, so it
+    is compiled once; the append it carries in the steady state is an O(W) scatter."""
     if ccfg.policy == "full":
         return _append(ls, g)
     fits = g.filled + g.win_valid <= ccfg.cache_size  # [b]
 
-    def policy():
-        return policies.get(ccfg.policy)(ccfg, cp, _entries(ls, g, obs))
-
-    def mixed():
-        fill, out = _append(ls, g), policy()
+    def compressed():
+        fill = _append(ls, g)
+        out = policies.get(ccfg.policy)(ccfg, cp, _entries(ls, g, obs))
         b = fits.shape[0]
 
         def pick(f, o):
@@ -180,8 +179,7 @@ def _compress(ccfg: CompressionConfig, cp: Any, ls, g: StepInfo, obs=None) -> Sl
 
         return Slots(*(pick(f, o) for f, o in zip(fill, out, strict=True)))
 
-    case = jnp.where(jnp.all(fits), 0, jnp.where(jnp.any(fits), 2, 1))
-    return jax.lax.switch(case, [lambda: _append(ls, g), policy, mixed])
+    return jax.lax.cond(jnp.all(fits), lambda: _append(ls, g), compressed)
 
 
 def _write_window(win: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
