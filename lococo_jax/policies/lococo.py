@@ -50,13 +50,12 @@ def init_params(key: jax.Array, cfg: LlamaConfig, ccfg: CompressionConfig) -> di
     near-equal logits sit in relu's linear part), normalizer [L] = the parameter that gives
     a = normalizer_init (normalizer_param)."""
     L, k = cfg.num_hidden_layers, ccfg.kernel_size
-    scale = {"normal": lambda fan_in: 1.0, "fan_in": lambda fan_in: 1.0 / math.sqrt(fan_in)}
-    scale["spread"] = lambda fan_in: 0.1 / math.sqrt(fan_in)
     convs = []
     for cin, cout in conv_channels(cfg, ccfg):
         key, kw, kb = jax.random.split(key, 3)
         bound = 1.0 / math.sqrt(cin * k)
-        w = jax.random.normal(kw, (L, k, cin, cout), jnp.float32) * scale[ccfg.conv_init](cin * k)
+        std = {"normal": 1.0, "fan_in": bound, "spread": 0.1 * bound}[ccfg.conv_init]
+        w = jax.random.normal(kw, (L, k, cin, cout), jnp.float32) * std
         if ccfg.conv_init == "spread":
             b = jnp.ones((L, cout), jnp.float32)
         else:

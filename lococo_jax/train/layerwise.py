@@ -53,12 +53,11 @@ def teacher(params: dict[str, Any], tokens: jax.Array, cfg: LlamaConfig, lora_sc
     No gradient flows into the result."""
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), dtype=bool)), (b, t, t))
 
     def layer(x, xs):
         lp, ll = xs
         q, k, v = llama.qkv(cfg, lp, x, positions, ll, lora_scale)
-        out, _ = llama.attend(cfg, q, k, v, mask)
+        out = llama.full_causal_attention(cfg, q, k, v, "flash")  # no [T, T] probabilities
         return llama.attn_out_and_mlp(cfg, lp, x, out, ll, lora_scale), Teacher(q, k, v, out)
 
     _, acts = jax.lax.scan(

@@ -47,8 +47,7 @@ def loss_fn(
     distill_weight > 0): the frozen model's logits at the same inputs, full attention."""
     b = tokens.shape[0]
     B = ccfg.chunk_size
-    chunks = lambda x: x.reshape(b, clean_period, B).transpose(1, 0, 2)  # -> [n, b, B]
-    inp, tgt = chunks(tokens[:, :-1]), chunks(tokens[:, 1:])
+    inp, tgt = (to_chunks(x, clean_period, B) for x in (tokens[:, :-1], tokens[:, 1:]))
     state = kv_state.init_state(cfg, ccfg, b, params["embed"].dtype)
     if state_shardings is not None:
         state = jax.lax.with_sharding_constraint(state, state_shardings)
@@ -76,15 +75,15 @@ def loss_fn(
     logp = jax.nn.log_softmax(ys, axis=-1)  # [n, b, B, vocab]
     picked = jnp.take_along_axis(logp, jnp.maximum(tgt, 0)[..., None], axis=-1)[..., 0]
     nll = jnp.where(has_tgt, -picked, 0.0).sum() / count
-    t_logp = jax.nn.log_softmax(chunks_v(teacher_logits, clean_period, B), axis=-1)
+    t_logp = jax.nn.log_softmax(to_chunks(teacher_logits, clean_period, B), axis=-1)
     kl = (jnp.exp(t_logp) * (t_logp - logp)).sum(-1)  # [n, b, B]
     kl = jnp.where(has_tgt, kl, 0.0).sum() / count
     return lm_weight * nll + distill_weight * kl
 
 
-def chunks_v(x: jax.Array, n: int, B: int) -> jax.Array:
-    """[b, n * B, V] -> [n, b, B, V]."""
-    return x.reshape(x.shape[0], n, B, x.shape[-1]).transpose(1, 0, 2, 3)
+def to_chunks(x: jax.Array, n: int, B: int) -> jax.Array:
+    """[b, n * B, ...] -> [n, b, B, ...]."""
+    return jnp.swapaxes(x.reshape((x.shape[0], n, B) + x.shape[2:]), 0, 1)
 
 
 def objective_loss(run: Run, base: Any, trainable: Any, tokens: jax.Array) -> jax.Array:
