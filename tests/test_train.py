@@ -304,6 +304,25 @@ def test_config_errors(tmp_path):
         tiny(tmp_path, mode="finetune")
     with pytest.raises(ConfigError, match="unknown config field"):
         train.TrainConfig.from_dict({"stepz": 3})
+    with pytest.raises(ConfigError, match="'rope_factor'.*mode inference"):
+        tiny(tmp_path, rope_factor=2.0)
+    with pytest.raises(ConfigError, match="'rope_factor'"):
+        tiny(tmp_path, mode="post_training", rope_factor=0.5)
+
+
+def test_rope_factor_explicit_or_just_covering_a_sample(tmp_path):
+    """post_training scales RoPE by rope_factor when given (a longer window than the samples
+    reach), else by sample_len / max positions; inference never scales."""
+    cfg = dataclasses.replace(train_run.load_model(tiny(tmp_path))[0], max_position_embeddings=16)
+    post = dict(mode="post_training", block_size=8, clean_period=4)  # samples of 32
+    assert train.rope_factor(tiny(tmp_path, **post), cfg) == 2.0
+    assert train.rope_factor(tiny(tmp_path, **post, rope_factor=4.0), cfg) == 4.0
+    assert train.rope_factor(tiny(tmp_path, **post, rope_factor=1.0), cfg) == 1.0
+    assert train.rope_factor(tiny(tmp_path, block_size=8, clean_period=4), cfg) == 1.0
+    run = train.build(
+        tiny(tmp_path, mode="post_training", rope_factor=3.0), with_checkpointer=False
+    )
+    assert run.cfg.rope_scaling.rope_type == "linear" and run.cfg.rope_scaling.factor == 3.0
 
 
 def test_checkpoint_from_other_config_errors_before_compute(tmp_path):

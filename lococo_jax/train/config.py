@@ -91,6 +91,10 @@ class TrainConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("wq", "wk", "wv", "wo")
+    # post_training: linear RoPE scaling factor. None: just enough to cover a sample
+    # (sample_len / max positions, at least 1); a number: that factor, so that a model can be
+    # tuned for a longer window on shorter samples (cheaper steps, more of them).
+    rope_factor: float | None = None
     # Mesh (-1: auto-fill with the remaining devices).
     mesh_data: int = -1
     mesh_fsdp: int = 1
@@ -142,6 +146,12 @@ class TrainConfig:
             f"must be in [1, steps={self.steps}] or null, got {self.stop_after}",
         )
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(
+            self.rope_factor is None or (self.mode == "post_training" and self.rope_factor >= 1),
+            "rope_factor",
+            f"must be null, or >= 1 with mode post_training, got {self.rope_factor!r} "
+            f"(mode {self.mode})",
+        )
         check(self.objective in OBJECTIVES, "objective", f"{self.objective!r} not in {OBJECTIVES}")
         check(
             self.distill_weight > 0 or "distill" not in self.objective,

@@ -61,9 +61,12 @@ class Run:
 
 
 def rope_factor(tcfg: TrainConfig, cfg: LlamaConfig) -> float:
-    """post_training: linear RoPE scaling to cover a whole sample (1 when it already fits)."""
+    """post_training: tcfg.rope_factor, else linear RoPE scaling to cover a whole sample (1
+    when it already fits)."""
     if tcfg.mode != "post_training":
         return 1.0
+    if tcfg.rope_factor is not None:
+        return tcfg.rope_factor
     return max(1.0, tcfg.sample_len / cfg.max_position_embeddings)
 
 
