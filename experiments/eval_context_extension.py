@@ -44,28 +44,23 @@ class Variant:
 
 
 def variants(args, factor: float) -> list[Variant]:
-    out = [
-        Variant("untuned, RoPE x1", args.model, 1.0, "full"),
+    """In the order they run (the quick lococo rows first, full attention's O(L^2) reads last)."""
+    tuned = Path(args.tuned) if args.tuned else None
+    out = []
+    if tuned:
+        comp = str(tuned / "compressors.safetensors")
+        out.append(Variant("tuned with lococo", str(tuned / "model"), 1.0, "lococo", comp))
+    out += [
         Variant("untuned, RoPE x1", args.model, 1.0, "lococo"),
-        Variant(f"untuned, RoPE x{factor:g}", args.model, factor, "full"),
         Variant(f"untuned, RoPE x{factor:g}", args.model, factor, "lococo"),
+        Variant("untuned, RoPE x1", args.model, 1.0, "full"),
+        Variant(f"untuned, RoPE x{factor:g}", args.model, factor, "full"),
     ]
-    if args.tuned:
-        d = Path(args.tuned)
-        out.append(
-            Variant(
-                "tuned with lococo",
-                str(d / "model"),
-                1.0,
-                "lococo",
-                str(d / "compressors.safetensors"),
-            )
-        )
-        out.append(Variant("tuned with lococo", str(d / "model"), 1.0, "full"))
+    if tuned:
+        out.append(Variant("tuned with lococo", str(tuned / "model"), 1.0, "full"))
     if args.full_tuned:
-        out.append(
-            Variant("tuned with full attention", str(Path(args.full_tuned) / "model"), 1.0, "full")
-        )
+        ft = str(Path(args.full_tuned) / "model")
+        out.append(Variant("tuned with full attention", ft, 1.0, "full"))
     return out
 
 
@@ -147,6 +142,12 @@ def _row_name(c: dict) -> str:
     return f"{c['label']}, {pol}"
 
 
+def _order(c: dict) -> tuple:
+    """Table order: untuned x1, untuned scaled, tuned; full attention before lococo."""
+    label = c["label"]
+    return (label.startswith("tuned"), c["rope_total"], label, c["policy"] != "full")
+
+
 def _newest(cells: list[dict]) -> dict[str, dict]:
     """One cell per (text, row name): the newest."""
     out: dict[str, dict] = {}
@@ -209,7 +210,7 @@ def report(store: results.ResultStore) -> str:
             "| model, policy | RoPE x (total) | " + " | ".join(_k(L) for L in lengths) + " |"
         )
         out.append("|---" * (2 + len(lengths)) + "|")
-        for name, c in rows.items():
+        for name, c in sorted(rows.items(), key=lambda nc: _order(nc[1])):
             vals = " | ".join(
                 f"{c['ppl'][str(L)]:.2f}" if str(L) in c["ppl"] else "-" for L in lengths
             )
