@@ -220,11 +220,7 @@ def report(store: results.ResultStore) -> str:
         if g:
             out.append("\nGoals (issue 16):\n" + "\n".join(g))
         out.append("")
-    note = results.compressor_note(cells)
-    if note:
-        out.append(note + "\n")
-    prov = sorted({(c["provenance"]["command"], c["provenance"]["device"]) for c in cells})
-    out.append("Commands and devices:\n" + "\n".join(f"- `{a}` on {d}" for a, d in prov))
+    out.append(results.report_footer(cells))
     return "\n".join(out) + "\n"
 
 
@@ -278,17 +274,10 @@ def main(argv: list[str] | None = None) -> None:
     if not Path(args.text).is_file():
         raise SystemExit(f"--text {args.text}: no such file")
     if args.report_only:
-        path = results.output_path(f"{NAME}.json", args.out, args.write)
-        if not path.exists():
-            raise SystemExit(f"{path} does not exist")
-        store = results.ResultStore(path)
+        store = results.existing_store(f"{NAME}.json", args.out, args.write)
     else:
         store = run(args)
-    md = report(store)
-    print("\n" + md)
-    store.path.with_suffix(".md").write_text(md)
-    plot(store, store.path.with_suffix(".png"))
-    print(f"wrote {store.path}, {store.path.with_suffix('.md')}, {store.path.with_suffix('.png')}")
+    results.write_report(store, report(store), lambda png: plot(store, png))
 
 
 if __name__ == "__main__":

@@ -158,11 +158,7 @@ def main() -> None:
     _policy_args.add(ap)
     args = ap.parse_args()
     if args.report_only:
-        path = results.output_path(f"{args.name}.json", args.out, args.write)
-        if not path.exists():
-            raise SystemExit(f"{path} does not exist")
-        store = results.ResultStore(path)
-        _write(store)
+        _write(results.existing_store(f"{args.name}.json", args.out, args.write))
         return
 
     cfg, params, tok = load_model(args.model)
@@ -224,11 +220,8 @@ def main() -> None:
 
 
 def _write(store: results.ResultStore) -> None:
-    md = report(store)
-    print("\n" + md)
-    store.path.with_suffix(".md").write_text(md)
-    plot([c for c in store.cells if "key" in c], store.path.with_suffix(".png"))
-    print(f"wrote {store.path}, {store.path.with_suffix('.md')}, {store.path.with_suffix('.png')}")
+    cells = [c for c in store.cells if "key" in c]
+    results.write_report(store, report(store), lambda png: plot(cells, png))
 
 
 def _col(c: dict) -> str:
@@ -331,11 +324,7 @@ def report(store: results.ResultStore) -> str:
         if rows:
             out.append(f"### Best baseline at kept {Fraction(f).limit_denominator(1024)}\n")
             out.append("\n".join(results.best_table(rows, "{:.2f} ± {:.2f}")) + "\n")
-    note = results.compressor_note(cells)
-    if note:
-        out.append(note + "\n")
-    prov = sorted({(c["provenance"]["command"], c["provenance"]["device"]) for c in cells})
-    out.append("Commands and devices:\n" + "\n".join(f"- `{a}` on {d}" for a, d in prov))
+    out.append(results.report_footer(cells))
     return "\n".join(out) + "\n"
 
 

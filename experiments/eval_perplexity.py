@@ -180,11 +180,7 @@ def report(store: results.ResultStore) -> str:
             out.append(f"### Best baseline at kept {Fraction(f).limit_denominator(1024)}\n")
             out.append("\n".join(results.best_table(rows, "{:.2f} ± {:.2f}")) + "\n")
     out.append(SE_NOTE)
-    note = results.compressor_note(cells)
-    if note:
-        out.append(note + "\n")
-    prov = sorted({(c["provenance"]["command"], c["provenance"]["device"]) for c in cells})
-    out.append("Commands and devices:\n" + "\n".join(f"- `{a}` on {d}" for a, d in prov))
+    out.append(results.report_footer(cells))
     return "\n".join(out) + "\n"
 
 
@@ -305,11 +301,7 @@ def main() -> None:
     _policy_args.add(ap)
     args = ap.parse_args()
     if args.report_only:
-        path = results.output_path(f"{args.name}.json", args.out, args.write)
-        if not path.exists():
-            raise SystemExit(f"{path} does not exist")
-        store = results.ResultStore(path)
-        _write(store)
+        _write(results.existing_store(f"{args.name}.json", args.out, args.write))
         return
 
     cfg0, params, tok = load_model(args.model)
@@ -387,11 +379,7 @@ def main() -> None:
 
 
 def _write(store: results.ResultStore) -> None:
-    md = report(store)
-    print("\n" + md)
-    store.path.with_suffix(".md").write_text(md)
-    plot(store, store.path.with_suffix(".png"))
-    print(f"wrote {store.path}, {store.path.with_suffix('.md')}, {store.path.with_suffix('.png')}")
+    results.write_report(store, report(store), lambda png: plot(store, png))
 
 
 if __name__ == "__main__":

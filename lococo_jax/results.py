@@ -20,6 +20,7 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,18 @@ def compressor_note(cells: list[dict[str, Any]]) -> str | None:
         f"lococo cells come from the compressor files committed when they ran: {files}; "
         "rerunning the command computes a new cell wherever a file has changed (tables show "
         "the newest)."
+    )
+
+
+def report_footer(cells: list[dict[str, Any]]) -> str:
+    """The end of a result file's markdown: the compressor files behind its lococo cells (if
+    any) and every command and device its cells came from."""
+    note = compressor_note(cells)
+    prov = sorted({(c["provenance"]["command"], c["provenance"]["device"]) for c in cells})
+    return (
+        (note + "\n\n" if note else "")
+        + "Commands and devices:\n"
+        + "\n".join(f"- `{a}` on {d}" for a, d in prov)
     )
 
 
@@ -232,3 +245,20 @@ class ResultStore:
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(self.data, indent=1))
         os.replace(tmp, self.path)
+
+
+def existing_store(name: str, out: str | None, write: bool) -> ResultStore:
+    """The result file a --report-only run rewrites the reports of (output_path's choice);
+    exits with one line where it does not exist."""
+    path = output_path(name, out, write)
+    if not path.exists():
+        raise SystemExit(f"{path} does not exist")
+    return ResultStore(path)
+
+
+def write_report(store: ResultStore, md: str, plot: Callable[[Path], None]) -> None:
+    """Print md and write it, and plot(path) its PNG, beside the store's JSON."""
+    print("\n" + md)
+    store.path.with_suffix(".md").write_text(md)
+    plot(store.path.with_suffix(".png"))
+    print(f"wrote {store.path}, {store.path.with_suffix('.md')}, {store.path.with_suffix('.png')}")
