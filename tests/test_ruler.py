@@ -80,6 +80,38 @@ def test_generation_is_deterministic_per_seed(tmp_path, word_tokenizer):
     assert json.loads((tmp_path / "a.jsonl").read_text().splitlines()[0]) == a[0]
 
 
+def test_chat_template_wraps_the_task_and_keeps_its_own_braces(tmp_path):
+    """--template chat: the tokenizer's chat template around RULER's task template, answer prefix
+    after the generation prompt; after both str.format calls (ours, then the generator's)
+    the chat text's own braces are literal and the task's fields are filled."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")),
+        unk_token="[UNK]",
+    )
+    tok.chat_template = (
+        "{% for m in messages %}<u>{ {{ m['content'] }} }</u>{% endfor %}"
+        "{% if add_generation_prompt %}<a>{% endif %}"
+    )
+    tok.save_pretrained(tmp_path)
+    assert eval_ruler.model_template("chat", tmp_path) == "<u>{{{{ {task_template} }}}}</u><a>"
+    config = eval_ruler.task_config("qa_1", "chat", tmp_path)
+    filled = config["template"].format(context="DOCS", query="Q?")
+    assert filled.startswith("<u>{ Answer the question based on the given documents.")
+    assert "DOCS" in filled and "Question: Q? }</u><a> Answer:" in filled
+    # RULER's plain template is the task template itself.
+    base = eval_ruler.task_config("qa_1")["template"]
+    assert base.startswith("Answer the question") and base.endswith("{query} Answer:")
+    with pytest.raises(ValueError, match="unknown template 'nope'"):
+        eval_ruler.model_template("nope")
+    tok.chat_template = None
+    tok.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="no chat template"):
+        eval_ruler.model_template("chat", tmp_path / "plain")
+
+
 def test_scores_are_rulers_string_match():
     refs = [["1234567"], ["1234567"], ["7654321"]]
     preds = [" 1234567.", "The number is 123456", "\x00 7654321\n"]
