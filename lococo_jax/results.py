@@ -13,8 +13,10 @@ so the committed results change only when asked.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import os
@@ -212,14 +214,30 @@ def output_path(name: str, out: str | None, write: bool, stamp: str | None = Non
 class ResultStore:
     """A JSON file of cells {"key": digest, "key_fields": {...}, ...values, "provenance": ...}.
 
-    Cells written before keys existed (no "key") are kept in the file but never reused."""
+    Cells written before keys existed (no "key") are kept in the file but never reused.
+    Several runs may write one file at once: each put() re-reads it under a lock on its folder
+    and adds its cell to what is there, so no run's cells overwrite another's."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.data: dict[str, Any] = {"cells": []}
+        self._load()
+
+    def _load(self) -> None:
         if self.path.exists():
             self.data = json.loads(self.path.read_text())
             self.data.setdefault("cells", [])
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """An exclusive flock on the file's folder (no lock file is left behind)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     @property
     def cells(self) -> list[dict[str, Any]]:
@@ -236,8 +254,10 @@ class ResultStore:
         """Store (replacing a cell with the same key) and write the file atomically."""
         k = digest(key_fields)
         cell = {"key": k, "key_fields": key_fields, **values, "provenance": provenance_now()}
-        self.data["cells"] = [c for c in self.cells if c.get("key") != k] + [cell]
-        self.save()
+        with self._locked():
+            self._load()
+            self.data["cells"] = [c for c in self.cells if c.get("key") != k] + [cell]
+            self.save()
         return cell
 
     def save(self) -> None:

@@ -59,6 +59,22 @@ def test_legacy_cells_are_kept_but_never_reused(tmp_path):
     assert len(results.ResultStore(p).cells) == 2
 
 
+def test_two_runs_on_one_file_keep_each_others_cells(tmp_path):
+    """Two stores opened on the same file before either writes (two runs side by side): every
+    cell of both is in the file afterwards, and a re-put replaces only its own key."""
+    p = tmp_path / "r.json"
+    a, b = results.ResultStore(p), results.ResultStore(p)
+    a.put(key(), {"ppl": 1.0})
+    b.put(key(seed=7), {"ppl": 2.0})
+    a.put(key(length=2048), {"ppl": 3.0})
+    b.put(key(seed=7), {"ppl": 4.0})
+    reread = results.ResultStore(p)
+    got = {c["key"]: c["ppl"] for c in reread.cells}
+    want = {results.digest(key()): 1.0, results.digest(key(length=2048)): 3.0}
+    assert got == {**want, results.digest(key(seed=7)): 4.0}
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["r.json"]
+
+
 def test_committed_results_untouched_by_default(tmp_path, monkeypatch):
     monkeypatch.setattr(results, "COMMITTED", tmp_path / "committed")
     monkeypatch.setattr(results, "RUNS", tmp_path / "runs")
