@@ -479,7 +479,7 @@ def write_reports(store) -> None:
             (f"kept {Fraction(f).limit_denominator(64)} (M={M})" if f else f"M={M}")
             for f, M in cols
         ]
-        md.append("| policy | task | full | " + " | ".join(head) + " |")
+        md.append("| " + " | ".join(["policy", "task", "full", *head]) + " |")
         md.append("|---" * (len(head) + 3) + "|")
         policies = sorted({_label(c) for c in here if c["policy"] != "full"})
         for task in tasks:
