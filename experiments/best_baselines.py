@@ -1,5 +1,7 @@
 """The best baseline per task at one kept fraction (default 1/4), from the committed sweep files:
-perplexity_fractions.json, passkey_fractions.json and ruler.json in experiments/results/.
+perplexity_fractions.json, passkey_fractions.json, ruler.json (niah tasks, RULER's plain
+template) and ruler_tasks.json (RULER's other tasks, the model's chat template) in
+experiments/results/.
 
 Only the baselines at their validation-chosen settings are candidates (streaming sink 16, h2o
 recent M/4, tova, snapkv w32 k5 max, keydiff); full attention is the reference; lococo is not
@@ -22,7 +24,7 @@ import eval_ruler
 
 from lococo_jax import results
 
-FILES = ("perplexity_fractions.json", "passkey_fractions.json", "ruler.json")
+FILES = ("perplexity_fractions.json", "passkey_fractions.json", "ruler.json", "ruler_tasks.json")
 
 
 def main() -> None:
@@ -35,8 +37,13 @@ def main() -> None:
     f = float(args.fraction)
     ppl = results.ResultStore(results.COMMITTED / FILES[0])
     pk = results.ResultStore(results.COMMITTED / FILES[1])
-    ru = results.ResultStore(results.COMMITTED / FILES[2])
-    ruler_cells = [c for c in ru.cells if "key" in c]
+    ruler_cells = [
+        c
+        for name in FILES[2:]
+        if (results.COMMITTED / name).exists()
+        for c in results.ResultStore(results.COMMITTED / name).cells
+        if "key" in c
+    ]
     most: dict[tuple, int] = {}
     for c in ruler_cells:
         k = (c["task"], c["length"])

@@ -485,8 +485,7 @@ def write_reports(store) -> None:
         for task in tasks:
             full = [c for c in here if c["task"] == task and c["policy"] == "full"]
             fs = _fmt(full[-1] if full else None)
-            if not policies:
-                md.append(f"| full | {task} | {fs} |" + " - |" * len(head))
+            rows = 0
             for pol in policies:
                 vals = []
                 for _, M in cols:
@@ -498,6 +497,9 @@ def write_reports(store) -> None:
                     vals.append(_fmt(hit[-1] if hit else None))
                 if any(v != "-" for v in vals):
                     md.append(f"| {pol} | {task} | {fs} | " + " | ".join(vals) + " |")
+                    rows += 1
+            if not rows:  # full attention alone (e.g. a task no compressed cache ran on)
+                md.append(f"| full | {task} | {fs} |" + " - |" * len(head))
         md.append("")
     for frac in sorted({c["fraction"] for c in cells if c["fraction"]}):
         rows = best_rows(cells, frac)
