@@ -536,10 +536,14 @@ def plot(cells: list[dict], path: Path) -> None:
     panels = sorted({(c["length"], c["task"]) for c in cells})
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    ncols = min(4, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.8 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
     labels = sorted({_label(c) for c in cells if c["policy"] != "full" and c["fraction"]})
     colors = {lab: plt.cm.tab10(i % 10) for i, lab in enumerate(labels)}
-    for ax, (L, task) in zip(axes[0], panels, strict=True):
+    for ax, (L, task) in zip(axes.flat, panels, strict=False):
         here = [c for c in cells if (c["length"], c["task"]) == (L, task)]
         for c in here:
             if c["policy"] == "full":
