@@ -458,13 +458,12 @@ def write_reports(store) -> None:
         "",
     ]
     for g in groups(cells):
-        L, n = g[:2]
+        L, n, seed, template = g
         here = [c for c in cells if group(c) == g]
         tasks = sorted({c["task"] for c in here})
         cols = sorted(
             {(c["fraction"] or 0.0, c["cache_size"]) for c in here if c["policy"] != "full"}
         )
-        _, _, seed, template = g
         caps = ", ".join(
             f"{t} {m}"
             for t, m in sorted({(c["task"], c["key_fields"]["max_new_tokens"]) for c in here})
