@@ -115,8 +115,11 @@ def check_small(block_sizes: BlockSizes | None) -> list[dict]:
             row[f"grad_rel_err_{bwd}"] = max(
                 max_err(x, y) / float(jnp.max(jnp.abs(y))) for x, y in zip(g, g_ref, strict=True)
             )
+        fwd_tol = 1e-5 if jax.default_backend() == "cpu" else 3e-5  # as tests/test_kernel_fusion
         row["ok"] = bool(
-            fwd <= 1e-5 and row["grad_rel_err_pallas"] <= 1e-4 and row["grad_rel_err_xla"] <= 1e-4
+            fwd <= fwd_tol
+            and row["grad_rel_err_pallas"] <= 1e-4
+            and row["grad_rel_err_xla"] <= 1e-4
         )
         out.append(row)
     return out

@@ -586,8 +586,9 @@ def conv_softmax_mix(
       activation: one of ACTIVATIONS ("gelu" is the tanh approximation, jax.nn.gelu's default).
       impl: "pallas": the fused kernel; one conv layer only (NotImplementedError otherwise).
         "reference": conv_softmax_mix_reference. "auto": the kernel if there is exactly one
-        layer and ``platform`` (the target's, not the host's) is not CPU, else the reference
-        (an explicit rule on len(layers) and the platform, decided before anything runs).
+        layer, ``platform`` (the target's, not the host's) is not CPU and, on a GPU, head_dim
+        is a power of two >= 16 (Triton's block shapes), else the reference (an explicit rule
+        on len(layers), the platform and d, decided before anything runs).
       block_sizes: tiles; None -> BlockSizes.for_backend().
       interpret: run the kernel in Pallas interpret mode. None -> True when ``platform`` is
         CPU, False for GPU and TPU; a pltpu.InterpretParams is passed through (strict
@@ -613,7 +614,9 @@ def conv_softmax_mix(
     if platform not in ("cpu", "gpu", "tpu"):
         raise ValueError(f"platform must be cpu, gpu or tpu (or cuda, rocm), got {platform!r}")
     if impl == "auto":
-        impl = "pallas" if len(layers) == 1 and platform != "cpu" else "reference"
+        d = k.shape[-1]
+        triton_ok = platform != "gpu" or (d >= 16 and not d & (d - 1))
+        impl = "pallas" if len(layers) == 1 and platform != "cpu" and triton_ok else "reference"
     if impl == "reference":
         return conv_softmax_mix_reference(k, v, layers, valid_len, activation=activation)
     if len(layers) != 1:

@@ -11,6 +11,7 @@ Run as ``python tests/_fusion_mesh_worker.py``; prints one JSON line ("RESULT {.
 import os
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"  # before jax is imported
+os.environ["JAX_PLATFORMS"] = "cpu"  # fake CPU devices, also on a host with a GPU
 
 import json  # noqa: E402
 import re  # noqa: E402

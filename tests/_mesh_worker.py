@@ -15,6 +15,7 @@ MULTI = len(sys.argv) > 1 and sys.argv[1] == "--process"
 N_LOCAL = 4 if MULTI else 8
 # Before jax is imported.
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={N_LOCAL}"
+os.environ["JAX_PLATFORMS"] = "cpu"  # fake CPU devices, also on a host with a GPU
 
 import json  # noqa: E402
 
