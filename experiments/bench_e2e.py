@@ -9,16 +9,19 @@ each baseline policy), on the same SmolLM2-135M weights (fp32), at several promp
 
 Every case (implementation, policy, length) runs in its own process, so its peak RSS is its own:
 "peak RSS" is the largest resident set sampled (every 10 ms) while the case prefills and decodes,
-the model's weights included. Prefill reads the prompt and produces the last position's logits
-(torch: logits_to_keep=1; ours: run_long output="last", or the one-shot forward's last row).
+the model's weights included. On a GPU torch runs on CUDA too (--torch-device) and the table's
+memory is the device's peak (torch.cuda.max_memory_allocated after the warm-up; jax's allocator
+peak_bytes_in_use over the process), the weights included.
+Prefill reads the prompt and produces the last position's logits (torch: logits_to_keep=1;
+ours: run_long output="last", or the one-shot forward's last row).
 Decode then feeds --new-tokens greedy tokens one at a time (the chunk size B = 128 by default,
 so our raw window is compressed once in the timed steps, as it is every B tokens in a long
 run); torch runs its Python loop with the growing DynamicCache, ours the device loop
 (generate.decode_block). Torch's decode figure is the faster of one thread and its default
 (half of the steps each: with other jobs on the cores, its default threads wait at OpenMP
-barriers on every small op; decode_ms_per_token_by_threads in the JSON). Compile time (lower +
-compile of the prefill and decode programs) is timed apart and excluded from tokens/s; torch
-runs eagerly (a short untimed warm-up instead).
+barriers on every small op; decode_ms_per_token_by_threads in the JSON; on a GPU one pass).
+Compile time (lower + compile of the prefill and decode programs) is timed apart and excluded
+from tokens/s; torch runs eagerly (a short untimed warm-up instead).
 Cases that cannot finish in time on a CPU (O(L^2) attention at the longest lengths) are
 skipped with the reason recorded, and a case that runs past --timeout is recorded as such.
 Writes JSON, a markdown table (ratios against torch at the same length) and a PNG.
@@ -80,6 +83,16 @@ def _max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _device_peak_mb() -> float | None:
+    """Peak bytes held by jax's allocator on the first device since the process started (the
+    weights included); None where the backend keeps no such count (CPU)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**20
+
+
 # ---------------------------------------------------------------------------------------------
 # One case per process.
 
@@ -102,12 +115,19 @@ def case_torch(args, ids) -> dict:
     import transformers
 
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM.from_pretrained(
-        args.hf_dir, dtype=torch.float32, attn_implementation="sdpa"
-    ).eval()
+    dev = torch.device(args.torch_device)
+    model = (
+        transformers.LlamaForCausalLM.from_pretrained(
+            args.hf_dir, dtype=torch.float32, attn_implementation="sdpa"
+        )
+        .to(dev)
+        .eval()
+    )
     rss_loaded = _rss_mb()
-    prompt = torch.as_tensor(ids, dtype=torch.long)
+    prompt = torch.as_tensor(ids, dtype=torch.long, device=dev)
     n = args.new_tokens
+    on_gpu = dev.type == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
 
     def prefill(prompt):
         out = model(prompt, use_cache=True, logits_to_keep=1)
@@ -123,19 +143,24 @@ def case_torch(args, ids) -> dict:
     # Decoding runs hundreds of small ops per token, each an OpenMP parallel region: with other
     # jobs on the cores, torch's default threads wait at every barrier. Half of the steps run
     # with one thread and half with the default; the faster is torch's decode figure.
+    # On a GPU the thread count does not matter: one pass with the default.
     threads = torch.get_num_threads()
     with torch.inference_mode():
         decode(*prefill(prompt[:, :128]), 4, [])  # warm-up (eager: nothing to compile)
+        sync()
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
         with RssPeak() as mem:
             t0 = time.perf_counter()
             cache, tok = prefill(prompt)
+            sync()
             t1 = time.perf_counter()
             toks = [int(tok[0, 0])]
             per_thread = {}
-            for nt in (1, threads):
+            for nt in (threads,) if on_gpu else (1, threads):
                 torch.set_num_threads(nt)
                 t = time.perf_counter()
-                steps = n // 2 if nt == 1 else n - n // 2
+                steps = n if on_gpu else (n // 2 if nt == 1 else n - n // 2)
                 cache, tok = decode(cache, tok, steps, toks)
                 per_thread[nt] = (time.perf_counter() - t) / steps
             torch.set_num_threads(threads)
@@ -147,9 +172,11 @@ def case_torch(args, ids) -> dict:
         compile_prefill_s=None,
         compile_decode_s=None,
         peak_rss_mb=mem.peak / 2**20,
+        peak_device_mb=torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None,
         rss_loaded_mb=rss_loaded,
         tokens=toks,
         threads=threads,
+        torch_device=str(dev),
     )
 
 
@@ -181,7 +208,12 @@ def case_ours(args, ids, impl: str, policy: str) -> dict:
             t0 = time.perf_counter()
             fn(params, ids).block_until_ready()
             row["prefill_s"] = time.perf_counter() - t0
-        row.update(decode_s=None, peak_rss_mb=mem.peak / 2**20, rss_loaded_mb=rss_loaded)
+        row.update(
+            decode_s=None,
+            peak_rss_mb=mem.peak / 2**20,
+            peak_device_mb=_device_peak_mb(),
+            rss_loaded_mb=rss_loaded,
+        )
         return row
 
     M = -(-(L + n + 1) // B) * B if policy == "full" else args.cache_size
@@ -234,6 +266,7 @@ def case_ours(args, ids, impl: str, policy: str) -> dict:
         prefill_s=t1 - t0,
         decode_s=t2 - t1,
         peak_rss_mb=mem.peak / 2**20,
+        peak_device_mb=_device_peak_mb(),
         rss_loaded_mb=rss_loaded,
         cache_size=M,
         kv_state_mb=kv_mb,
@@ -307,11 +340,21 @@ def _fmt(x, spec=".1f", none="-"):
     return none if x is None else format(x, spec)
 
 
+def memory_field(rows: list[dict]) -> tuple[str, str]:
+    """(field, name) of the memory figure: device memory where every run row measured it (a
+    GPU), else the process's peak RSS."""
+    ran = [r for r in rows if "skipped" not in r]
+    if ran and all(r.get("peak_device_mb") is not None for r in ran):
+        return "peak_device_mb", "peak device MB"
+    return "peak_rss_mb", "peak RSS MB"
+
+
 def table(rows: list[dict], lengths: list[int]) -> str:
     torch_by_len = {r["length"]: r for r in rows if r["impl"] == "torch" and "skipped" not in r}
+    mem, mem_name = memory_field(rows)
     lines = [
         "| path | L | prefill tok/s | vs torch | decode tok/s | vs torch | decode ms/tok | "
-        "peak RSS MB | vs torch | compile s (prefill + decode) |",
+        f"{mem_name} | vs torch | compile s (prefill + decode) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {}
@@ -343,8 +386,8 @@ def table(rows: list[dict], lengths: list[int]) -> str:
             lines.append(
                 f"| {name} | {L} | {_fmt(r['prefill_tok_s'])} | {ratio('prefill_tok_s')} | "
                 f"{_fmt(r.get('decode_tok_s'))} | {ratio('decode_tok_s')} | "
-                f"{_fmt(r.get('decode_ms_per_token'))} | {_fmt(r['peak_rss_mb'], '.0f')} | "
-                f"{ratio('peak_rss_mb')} | {comp_s} |"
+                f"{_fmt(r.get('decode_ms_per_token'))} | {_fmt(r[mem], '.0f')} | "
+                f"{ratio(mem)} | {comp_s} |"
             )
     return "\n".join(lines)
 
@@ -359,7 +402,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fields = [
         ("prefill_tok_s", "prefill tokens/s"),
         ("decode_ms_per_token", "decode ms per token"),
-        ("peak_rss_mb", "peak RSS (MB)"),
+        (memory_field(rows)[0], memory_field(rows)[1].replace(" MB", " (MB)")),
     ]
     keys = []
     for r in rows:
@@ -466,6 +509,11 @@ def main() -> int:
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--ids", help=argparse.SUPPRESS)
     ap.add_argument("--hf-dir", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--torch-device",
+        default=None,
+        help="where transformers runs (default: cuda when jax's backend is a GPU, else cpu)",
+    )
     args = ap.parse_args()
     if args.child:
         print("ROW " + json.dumps(child(args)), flush=True)
@@ -478,6 +526,7 @@ def main() -> int:
     platform = jax.default_backend()
     device = f"{platform}:{jax.devices()[0].device_kind}, {os.cpu_count()} cores"
     path = results.output_path(f"bench_e2e_{platform}.json", args.out, args.write)
+    args.torch_device = args.torch_device or ("cuda" if platform == "gpu" else "cpu")
     path.parent.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     started = time.perf_counter()
@@ -507,6 +556,7 @@ def main() -> int:
                 for flag in ("model", "cache_size", "chunk_size", "segment_chunks"):
                     cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
                 cmd += ["--new-tokens", str(args.new_tokens), "--attention", args.attention]
+                cmd += ["--torch-device", args.torch_device]
                 load = os.getloadavg()[0]
                 t = time.perf_counter()
                 try:
