@@ -183,15 +183,29 @@ def test_eviction_policies_keep_what_numpy_keeps(tiny_cfg, peaky_params, policy)
 def test_one_compile_for_every_length(tiny_cfg, tiny_params):
     B = 8
     ccfg = CompressionConfig(policy="lococo", cache_size=16, chunk_size=B, kernel_size=3)
-    params = with_policy_params(tiny_params, tiny_cfg, ccfg)
+    # Committed to a device, as load_model's parameters are.
+    params = jax.device_put(with_policy_params(tiny_params, tiny_cfg, ccfg), jax.devices()[0])
     before = longctx._segment._cache_size()
-    rng = np.random.RandomState(4)
-    for n_chunks in (4, 16, 64):
-        toks = rng.randint(0, tiny_cfg.vocab_size, (1, n_chunks * B))
-        res = longctx.run_long(params, toks, tiny_cfg, ccfg, output="nll", segment_chunks=4)
-        assert res.out.shape == (1, n_chunks * B)
-        assert np.isfinite(res.out).all()
+    # XLA compiles, not only traces: a first segment whose state is not on the device the
+    # later segments' states are (committed) would compile the same trace a second time.
+    compiles = []
+
+    def listen(event, duration, fun_name="", **_):
+        if event == "/jax/core/compile/backend_compile_duration" and "_segment" in fun_name:
+            compiles.append(fun_name)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        rng = np.random.RandomState(4)
+        for n_chunks in (4, 16, 64):
+            toks = rng.randint(0, tiny_cfg.vocab_size, (1, n_chunks * B))
+            res = longctx.run_long(params, toks, tiny_cfg, ccfg, output="nll", segment_chunks=4)
+            assert res.out.shape == (1, n_chunks * B)
+            assert np.isfinite(res.out).all()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
     assert longctx._segment._cache_size() - before == 1
+    assert len(compiles) == 1, compiles
 
 
 @pytest.mark.parametrize("policy", ["lococo", "tova"])
