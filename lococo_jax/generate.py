@@ -193,7 +193,8 @@ def generate(
     if max_new == 0:
         return Generation(np.zeros((b, 0), np.int32), t1 - t0, 0.0, res.state)
     eos = np.int32(-1 if eos_id is None else eos_id)
-    carry = DecodeCarry(res.state, token, key, token == eos)
+    # Committed like every later block's carry (a decode_block output): one compile, not two.
+    carry = longctx.on_params_device(DecodeCarry(res.state, token, key, token == eos), params)
 
     def launch(carry: DecodeCarry, remaining: int):
         return decode_block(

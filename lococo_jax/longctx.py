@@ -545,7 +545,7 @@ def iter_segments(
         yield start, seg, n_new, seg_tgt
 
 
-def _on_params_device(tree: Any, params: dict[str, Any]) -> Any:
+def on_params_device(tree: Any, params: dict[str, Any]) -> Any:
     """``tree`` committed to the one device the parameters are on (unchanged when they span
     several). jit compiles separate programs for uncommitted and committed arguments, and
     every segment after the first gets the previous one's committed outputs: a fresh state
@@ -583,13 +583,13 @@ def run_long(
         raise ValueError(f"lengths must be [batch] in [0, {L}], got {lengths}")
     if state is None:
         dtype = params["embed"].dtype
-        state = _on_params_device(init_state(cfg, ccfg, b, dtype), params)
+        state = on_params_device(init_state(cfg, ccfg, b, dtype), params)
     else:
         check_state(state, cfg, ccfg, b)
         if int(state.win_len) != 0:
             raise ValueError("run_long needs an empty raw window; call longctx.flush first")
     check_fits_full(ccfg, int(lengths.max(initial=0)) + int(np.max(state.seen)))
-    last = _on_params_device(jnp.zeros((b, cfg.vocab_size), jnp.float32), params)
+    last = on_params_device(jnp.zeros((b, cfg.vocab_size), jnp.float32), params)
     outs = []
     for _, seg, n_new, tgt in iter_segments(tokens, lengths, ccfg.chunk_size, segment_chunks):
         state, last, ys = _segment(

@@ -133,8 +133,16 @@ def test_eos_on_the_first_token(tiny_cfg, tiny_params):
 
 def test_one_compile_per_batch_and_block(tiny_cfg, tiny_params):
     ccfg = CASES["lococo"]
-    params = _params(tiny_params, tiny_cfg, ccfg)
-    prompt, sizes = _prompt(tiny_cfg), []
+    # Committed to a device, as load_model's parameters are: the first block's carry must be
+    # placed like the later ones (decode_block outputs), or XLA compiles the block twice.
+    params = jax.device_put(_params(tiny_params, tiny_cfg, ccfg), jax.devices()[0])
+    prompt, sizes, compiles = _prompt(tiny_cfg), [], []
+
+    def listen(event, duration, fun_name="", **_):
+        if event == "/jax/core/compile/backend_compile_duration" and "decode_block" in fun_name:
+            compiles.append(fun_name)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
     for n in (30, 3, 17, 41):
         out = generate.generate(
             params,
@@ -148,7 +156,9 @@ def test_one_compile_per_batch_and_block(tiny_cfg, tiny_params):
         )
         sizes.append(generate.decode_block._cache_size())
         assert 1 <= out.tokens.shape[1] <= n
+    jax.monitoring.unregister_event_duration_listener(listen)
     assert sizes[1:] == sizes[:1] * 3  # every total length reuses the first call's program
+    assert len(compiles) == 1, compiles
 
 
 def test_streams_block_by_block(monkeypatch, tiny_cfg, tiny_params):
