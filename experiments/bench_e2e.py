@@ -73,31 +73,6 @@ class RssPeak:
         self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
-class CompileTime:
-    """Seconds XLA spent compiling while the block ran (jax.monitoring's backend-compile
-    events): 0 in a timed region means it timed no compilation."""
-
-    EVENT = "/jax/core/compile/backend_compile_duration"
-
-    def __init__(self):
-        self.seconds = 0.0
-
-    def _listen(self, event: str, duration: float, **_) -> None:
-        if event == self.EVENT:
-            self.seconds += duration
-
-    def __enter__(self):
-        import jax.monitoring
-
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
-        return self
-
-    def __exit__(self, *exc):
-        import jax.monitoring
-
-        jax.monitoring.unregister_event_duration_listener(self._listen)
-
-
 def _rss_mb() -> float:
     import psutil
 
@@ -211,6 +186,7 @@ def case_ours(args, ids, impl: str, policy: str) -> dict:
     import numpy as np
 
     from lococo_jax import generate, llama, longctx, policies
+    from lococo_jax.compile_log import CompileLog
     from lococo_jax.config import CompressionConfig
     from lococo_jax.kv_state import init_state
     from lococo_jax.models import load_model
@@ -229,7 +205,7 @@ def case_ours(args, ids, impl: str, policy: str) -> dict:
         fn = jax.jit(last_logits).lower(params, ids).compile()  # called as is: no re-trace
         row["compile_prefill_s"] = time.perf_counter() - t
         row["compile_decode_s"] = None
-        with RssPeak() as mem, CompileTime() as timed_compile:
+        with RssPeak() as mem, CompileLog() as timed_compile:
             t0 = time.perf_counter()
             fn(params, ids).block_until_ready()
             row["prefill_s"] = time.perf_counter() - t0
@@ -280,7 +256,7 @@ def case_ours(args, ids, impl: str, policy: str) -> dict:
     wtok = jnp.argmax(warm.last_logits, -1).astype(jnp.int32)
     jax.block_until_ready(decode(carry_of(warm.state, wtok), 2))
     del warm, wtok
-    with RssPeak() as mem, CompileTime() as timed_compile:
+    with RssPeak() as mem, CompileLog() as timed_compile:
         t0 = time.perf_counter()
         res = longctx.run_long(params, ids, cfg, ccfg, output="last", segment_chunks=seg)
         token = jnp.argmax(res.last_logits, -1).astype(jnp.int32)
@@ -430,10 +406,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    mem, mem_name = memory_field(rows)
     fields = [
         ("prefill_tok_s", "prefill tokens/s"),
         ("decode_ms_per_token", "decode ms per token"),
-        (memory_field(rows)[0], memory_field(rows)[1].replace(" MB", " (MB)")),
+        (mem, mem_name.replace(" MB", " (MB)")),
     ]
     keys = []
     for r in rows:

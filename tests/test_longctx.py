@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from lococo_jax import evaluate, generate, llama, longctx, policies
+from lococo_jax.compile_log import CompileLog
 from lococo_jax.config import CompressionConfig
 from lococo_jax.kv_state import init_state
 
@@ -188,24 +189,15 @@ def test_one_compile_for_every_length(tiny_cfg, tiny_params):
     before = longctx._segment._cache_size()
     # XLA compiles, not only traces: a first segment whose state is not on the device the
     # later segments' states are (committed) would compile the same trace a second time.
-    compiles = []
-
-    def listen(event, duration, fun_name="", **_):
-        if event == "/jax/core/compile/backend_compile_duration" and "_segment" in fun_name:
-            compiles.append(fun_name)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with CompileLog() as log:
         rng = np.random.RandomState(4)
         for n_chunks in (4, 16, 64):
             toks = rng.randint(0, tiny_cfg.vocab_size, (1, n_chunks * B))
             res = longctx.run_long(params, toks, tiny_cfg, ccfg, output="nll", segment_chunks=4)
             assert res.out.shape == (1, n_chunks * B)
             assert np.isfinite(res.out).all()
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
     assert longctx._segment._cache_size() - before == 1
-    assert len(compiles) == 1, compiles
+    assert len(log.names("_segment")) == 1, log.compiles
 
 
 @pytest.mark.parametrize("policy", ["lococo", "tova"])
