@@ -18,10 +18,12 @@ The chunked, compressed-cache path is lococo_jax.longctx, built from the same pi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lococo_jax.config import LlamaConfig
 from lococo_jax.rope import apply_rope, cos_sin
@@ -77,14 +79,36 @@ def attend(
     q: [batch, T, heads, hd]; k, v: [batch, S, kv_heads, hd]; mask: [batch, T, S] bool.
     Returns out [batch, T, heads, hd] and probs [batch, kv_heads, group, T, S] (fp32).
     """
+    return attend_parts(cfg, q, [k.transpose(0, 2, 1, 3)], [v.transpose(0, 2, 1, 3)], mask)
+
+
+def attend_parts(
+    cfg: LlamaConfig,
+    q: jnp.ndarray,
+    ks: Sequence[jnp.ndarray],
+    vs: Sequence[jnp.ndarray],
+    mask: jnp.ndarray,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """``attend`` over keys held in consecutive parts in the KV cache's own layout, each
+    k_i, v_i [batch, kv_heads, S_i, hd] (cast to q's dtype), so a cache is read where it lies,
+    never concatenated or transposed. mask [batch, T, S] with S = sum S_i, the parts in order.
+    Returns out [batch, T, heads, hd] and probs [batch, kv_heads, group, T, S] (fp32)."""
     b, t, _, hd = q.shape
-    g = cfg.q_per_kv
-    qg = q.reshape(b, t, cfg.num_key_value_heads, g, hd)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    qg = q.reshape(b, t, cfg.num_key_value_heads, cfg.q_per_kv, hd)
+    f32 = jnp.float32
+    parts = [
+        jnp.einsum("btkgd,bksd->bkgts", qg, k.astype(q.dtype), preferred_element_type=f32)
+        for k in ks
+    ]
+    logits = jnp.concatenate(parts, axis=-1)
     logits = logits / jnp.sqrt(jnp.float32(hd))
     logits = jnp.where(mask[:, None, None], logits, NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+    ends = np.cumsum([k.shape[2] for k in ks])[:-1].tolist()
+    out = sum(
+        jnp.einsum("bkgts,bksd->btkgd", p.astype(q.dtype), v.astype(q.dtype))
+        for p, v in zip(jnp.split(probs, ends, axis=-1), vs, strict=True)
+    )
     return out.reshape(b, t, cfg.num_attention_heads, hd), probs
 
 

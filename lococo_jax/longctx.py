@@ -219,16 +219,15 @@ def _layer(
     cp: Any,
     ls: dict[str, jax.Array],
 ):
-    """One decoder layer over T new tokens. x [b, T, hidden] -> (x, this layer's new state).
+    """One decoder layer over T new tokens. x [b, T, hidden] -> (x, this layer's new state);
+    without compression only what changed: new_k, new_v [b, T, kv, hd], win_score, last_score.
 
     truncate: the entries going into compression carry no gradient, so later chunks train the
     compressor (cp) but send nothing back into this or earlier chunks' activations."""
     q, k, v = llama.qkv(cfg, lp, x, g.positions, ll, lora_scale)
     win_k = _write_window(ls["win_k"], k, g.win_start)
     win_v = _write_window(ls["win_v"], v, g.win_start)
-    keys = jnp.concatenate([ls["k"], win_k], axis=2).transpose(0, 2, 1, 3)
-    vals = jnp.concatenate([ls["v"], win_v], axis=2).transpose(0, 2, 1, 3)
-    out, probs = llama.attend(cfg, q, keys.astype(q.dtype), vals.astype(q.dtype), g.mask)
+    out, probs = llama.attend_parts(cfg, q, [ls["k"], win_k], [ls["v"], win_v], g.mask)
     # probs [b, kv, group, T, S]: scores summed over this step's valid queries and group heads.
     probs = jnp.where(g.qvalid[:, None, None, :, None], probs, 0.0)
     win_score = ls["win_score"] + probs.sum(axis=(2, 3))
@@ -238,17 +237,18 @@ def _layer(
     obs = _snapkv_obs(ccfg, probs, g) if ccfg.policy == "snapkv" else None
     x = llama.attn_out_and_mlp(cfg, lp, x, out, ll, lora_scale)
 
+    if not compress:  # the slots are unchanged; _run_layers writes k, v into the window
+        return x, dict(new_k=k, new_v=v, win_score=win_score, last_score=last_score)
     new = dict(ls, win_k=win_k, win_v=win_v, win_score=win_score, last_score=last_score)
-    if compress:
-        slots = _compress(ccfg, cp, jax.lax.stop_gradient(new) if truncate else new, g, obs)
-        new.update(
-            k=slots.k,
-            v=slots.v,
-            pos=slots.pos,
-            score=slots.score,
-            win_score=jnp.zeros_like(win_score),
-            last_score=jnp.zeros_like(last_score),
-        )
+    slots = _compress(ccfg, cp, jax.lax.stop_gradient(new) if truncate else new, g, obs)
+    new.update(
+        k=slots.k,
+        v=slots.v,
+        pos=slots.pos,
+        score=slots.score,
+        win_score=jnp.zeros_like(win_score),
+        last_score=jnp.zeros_like(last_score),
+    )
     return x, new
 
 
@@ -260,7 +260,7 @@ def _run_layers(
         return _layer(cfg, ccfg, compress, lora_scale, truncate, g, x, lp, ll, cp, ls)
 
     xs = (params["layers"], params.get("lora"), params.get("lococo"), state.layer_fields())
-    x, new_layers = jax.lax.scan(body, llama.embed(params, tokens), xs)
+    x, new = jax.lax.scan(body, llama.embed(params, tokens), xs)
     M, T = state.cache_size, tokens.shape[1]
     if compress:
         glob = dict(
@@ -268,9 +268,19 @@ def _run_layers(
             win_valid=jnp.zeros_like(g.win_valid),
             win_len=jnp.zeros_like(g.win_len),
         )
-    else:
-        glob = dict(filled=g.filled, win_valid=g.win_valid, win_len=g.win_len + T)
-    return x, state.replace(**new_layers, **glob, seen=g.seen)
+        return x, state.replace(**new, **glob, seen=g.seen)
+    # Only the T new entries of every layer's window are written, in place in the (donated)
+    # state: the slots and the rest of the window are not copied through the layer scan.
+    write = jax.vmap(_write_window, in_axes=(0, 0, None))
+    return x, state.replace(
+        win_k=write(state.win_k, new.pop("new_k"), g.win_start),
+        win_v=write(state.win_v, new.pop("new_v"), g.win_start),
+        **new,
+        filled=g.filled,
+        win_valid=g.win_valid,
+        win_len=g.win_len + T,
+        seen=g.seen,
+    )
 
 
 def apply(
