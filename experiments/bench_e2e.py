@@ -24,6 +24,11 @@ Compile time (lower + compile of the prefill and decode programs) is timed apart
 from tokens/s; torch runs eagerly (a short untimed warm-up instead).
 Cases that cannot finish in time on a CPU (O(L^2) attention at the longest lengths) are
 skipped with the reason recorded, and a case that runs past --timeout is recorded as such.
+The floor row is the same model with no cache at all (each token attends to itself only): the
+matmuls and weight reads alone, the fastest any cached path can prefill and decode on the
+device, so it says which speed-up over torch is reachable there at all. --repeats N runs every
+case N times, round robin, and keeps each case's best prefill and best decode (every repeat's
+times are in the JSON): on a machine shared with other jobs one slow spell can halve a figure.
 Writes JSON, a markdown table (ratios against torch at the same length) and a PNG.
 """
 
@@ -218,6 +223,9 @@ def case_ours(args, ids, impl: str, policy: str) -> dict:
         )
         return row
 
+    if impl == "ours-floor":
+        return row | case_floor(args, cfg, params, ids)
+
     M = -(-(L + n + 1) // B) * B if policy == "full" else args.cache_size
     ccfg = CompressionConfig(policy=policy, cache_size=M, chunk_size=B, **settings(policy, M))
     sub = policies.init_params(jax.random.PRNGKey(0), cfg, ccfg)  # random fusion: speed only
@@ -282,6 +290,70 @@ def case_ours(args, ids, impl: str, policy: str) -> dict:
     return row
 
 
+def case_floor(args, cfg, params, ids) -> dict:
+    """The weights' floor of any cached path on this device: the same model where every token
+    attends to itself only (a cache of size 0: no attention work, no cache to read or
+    compress), so a prefill chunk and a decode step cost only their matmuls and the reads of
+    the weights. Prefill runs the prompt in chunks of B (a lax.scan); decode feeds back greedy
+    tokens in a device loop, as generate.decode_block does."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from lococo_jax import llama
+    from lococo_jax.compile_log import CompileLog
+
+    L, n, B = ids.shape[1], args.new_tokens, args.chunk_size
+
+    def layers(params, x):  # [1, T, hidden] -> [1, T, hidden]
+        pos = jnp.zeros(x.shape[:2], jnp.int32)
+
+        def layer(x, lp):
+            _, _, v = llama.qkv(cfg, lp, x, pos)
+            own = jnp.repeat(v, cfg.q_per_kv, axis=2)  # softmax over the token itself: v
+            return llama.attn_out_and_mlp(cfg, lp, x, own), None
+
+        return jax.lax.scan(layer, x, params["layers"])[0]
+
+    def prefill(params, chunks):  # [n_chunks, 1, B] -> the greedy next token [1]
+        x0 = jnp.zeros(chunks.shape[1:] + (cfg.hidden_size,), params["embed"].dtype)
+        x, _ = jax.lax.scan(lambda _, c: (layers(params, llama.embed(params, c)), None), x0, chunks)
+        return jnp.argmax(llama.lm_head(cfg, params, x[:, -1:])[:, 0], -1).astype(jnp.int32)
+
+    def decode(params, token):  # token [1] -> n greedy tokens [n, 1]
+        def step(tok, _):
+            logits = llama.lm_head(cfg, params, layers(params, llama.embed(params, tok[:, None])))
+            nxt = jnp.argmax(logits[:, 0], -1).astype(jnp.int32)
+            return nxt, nxt
+
+        return jax.lax.scan(step, token, None, length=n)[1]
+
+    pad = -(-L // B) * B - L
+    chunks = np.pad(ids, ((0, 0), (pad, 0))).reshape(1, -1, B).transpose(1, 0, 2)
+    out: dict = {}
+    t = time.perf_counter()
+    fp = jax.jit(prefill).lower(params, chunks).compile()
+    out["compile_prefill_s"] = time.perf_counter() - t
+    token0 = jnp.zeros((1,), jnp.int32)
+    t = time.perf_counter()
+    fd = jax.jit(decode).lower(params, token0).compile()
+    out["compile_decode_s"] = time.perf_counter() - t
+    jax.block_until_ready(fd(params, token0))  # warm-up
+    with RssPeak() as mem, CompileLog() as timed_compile:
+        t0 = time.perf_counter()
+        token = fp(params, chunks).block_until_ready()
+        t1 = time.perf_counter()
+        np.asarray(fd(params, token))
+        t2 = time.perf_counter()
+    return out | dict(
+        prefill_s=t1 - t0,
+        decode_s=t2 - t1,
+        peak_rss_mb=mem.peak / 2**20,
+        peak_device_mb=_device_peak_mb(),
+        compile_in_timed_s=timed_compile.seconds,
+    )
+
+
 def child(args) -> dict:
     import numpy as np
 
@@ -307,6 +379,8 @@ def cases(args) -> list[tuple[str, str]]:
         out.append(("torch", "full"))
     if "oneshot" in args.impls:
         out.append(("ours-oneshot", "full"))
+    if "floor" in args.impls:
+        out.append(("ours-floor", "none"))
     for p in args.policies:
         out.append(("ours-chunked" if p == "full" else "ours", p))
     return out
@@ -340,6 +414,7 @@ def label(impl: str, policy: str) -> str:
         "torch": "transformers (torch, sdpa, full cache)",
         "ours-oneshot": "ours: full attention, one-shot llama.forward",
         "ours-chunked": "ours: full attention, chunked scan",
+        "ours-floor": "ours: weights only (no cache, each token attends to itself): the floor",
     }.get(impl, f"ours: {policy}")
 
 
@@ -469,6 +544,62 @@ def prepare(args, work: Path) -> tuple[Path, Path]:
     return ids_path, hf_dir
 
 
+def run_case(args, impl: str, policy: str, L: int, ids_path, hf_dir, env) -> dict:
+    """One case in its own process -> its row, or {"skipped": why} when it failed or ran out
+    of time."""
+    cmd = [sys.executable, __file__, "--child", impl, policy, str(L)]
+    cmd += ["--ids", str(ids_path), "--hf-dir", str(hf_dir)]
+    for flag in ("model", "cache_size", "chunk_size", "segment_chunks"):
+        cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    cmd += ["--new-tokens", str(args.new_tokens), "--attention", args.attention]
+    cmd += ["--torch-device", args.torch_device]
+    load = os.getloadavg()[0]
+    t = time.perf_counter()
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    except subprocess.TimeoutExpired:
+        print(f"{label(impl, policy):48} {L:6d}  timed out", flush=True)
+        return {"skipped": f"timed out after {args.timeout} s"}
+    line = [x for x in out.stdout.splitlines() if x.startswith("ROW ")]
+    if out.returncode or not line:
+        print(out.stderr[-3000:], file=sys.stderr)
+        return {"skipped": f"failed (exit {out.returncode})"}
+    r = json.loads(line[0][4:])
+    r["load_average_1min_at_start"] = load
+    r["wall_s"] = time.perf_counter() - t
+    print(
+        f"{label(impl, policy):48} {L:6d}  prefill {r['prefill_tok_s']:8.1f} tok/s  "
+        f"decode {_fmt(r.get('decode_tok_s')):>6} tok/s  "
+        f"peak RSS {r['peak_rss_mb']:6.0f} MB  load {load:.1f}",
+        flush=True,
+    )
+    return r
+
+
+def merge_repeats(runs: list[dict]) -> dict:
+    """One row from a case's repeats: its fastest prefill and its fastest decode (with that
+    decode's tokens), the largest memory and timed-compile figures, every repeat's times, and
+    the first repeat's compile times (the later ones load its programs from the cache)."""
+    row = dict(min(runs, key=lambda r: r["prefill_s"]))
+    row["prefill_s_repeats"] = [r["prefill_s"] for r in runs]
+    if row.get("decode_s") is not None:
+        fast = min(runs, key=lambda r: r["decode_s"])
+        for k in ("decode_s", "decode_tok_s", "decode_ms_per_token", "tokens"):
+            if k in fast:
+                row[k] = fast[k]
+        if "decode_ms_per_token_by_threads" in fast:
+            row["decode_ms_per_token_by_threads"] = fast["decode_ms_per_token_by_threads"]
+        row["decode_s_repeats"] = [r["decode_s"] for r in runs]
+    for k in ("peak_rss_mb", "max_rss_mb", "peak_device_mb", "compile_in_timed_s"):
+        vals = [r[k] for r in runs if r.get(k) is not None]
+        row[k] = max(vals) if vals else None
+    for k in ("compile_prefill_s", "compile_decode_s", "compile_cached"):
+        row[k] = runs[0].get(k)
+    row["load_average_1min_at_start"] = [r["load_average_1min_at_start"] for r in runs]
+    row["repeats"] = len(runs)
+    return row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
@@ -481,9 +612,10 @@ def main() -> int:
     ap.add_argument(
         "--impls",
         nargs="+",
-        default=["torch", "oneshot"],
-        choices=["torch", "oneshot"],
-        help="besides the policies: transformers, our one-shot full-attention forward",
+        default=["torch", "oneshot", "floor"],
+        choices=["torch", "oneshot", "floor"],
+        help="besides the policies: transformers, our one-shot full-attention forward, and the "
+        "weights-only floor (the model with no cache: the fastest any cached path can be)",
     )
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--cache-size", type=int, default=128, help="M of the compressing policies")
@@ -510,6 +642,13 @@ def main() -> int:
         help="skip the baselines (not lococo) above this length, with the reason",
     )
     ap.add_argument("--timeout", type=int, default=900, help="seconds per case before it is cut")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs of every case, round robin; each figure is the case's best run (on a "
+        "machine shared with other jobs, 2-3 keep a slow spell from deciding a ratio)",
+    )
     ap.add_argument("--text", default=str(TEXT))
     ap.add_argument("--note", default="", help="stored in the files (e.g. what else ran)")
     ap.add_argument("--out", default=None, help="JSON path (default: a new run folder)")
@@ -552,47 +691,33 @@ def main() -> int:
         )
         compiled: set[tuple[str, str, int]] = set()
         for L in sorted(args.lengths):
+            runs: dict[tuple[str, str], list[dict]] = {}
+            skipped: dict[tuple[str, str], str] = {}
             for impl, policy in cases(args):
                 reason = skip_reason(args, impl, policy, L)
-                base = dict(impl=impl, policy=policy, length=L)
                 if reason:
-                    rows.append(dict(base, skipped=reason))
+                    skipped[(impl, policy)] = reason
                     print(f"{label(impl, policy):48} {L:6d}  skipped", flush=True)
-                    continue
-                cmd = [sys.executable, __file__, "--child", impl, policy, str(L)]
-                cmd += ["--ids", str(ids_path), "--hf-dir", str(hf_dir)]
-                for flag in ("model", "cache_size", "chunk_size", "segment_chunks"):
-                    cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
-                cmd += ["--new-tokens", str(args.new_tokens), "--attention", args.attention]
-                cmd += ["--torch-device", args.torch_device]
-                load = os.getloadavg()[0]
-                t = time.perf_counter()
-                try:
-                    out = subprocess.run(
-                        cmd, capture_output=True, text=True, timeout=args.timeout, env=env
-                    )
-                except subprocess.TimeoutExpired:
-                    rows.append(dict(base, skipped=f"timed out after {args.timeout} s"))
-                    print(f"{label(impl, policy):48} {L:6d}  timed out", flush=True)
-                    continue
-                line = [x for x in out.stdout.splitlines() if x.startswith("ROW ")]
-                if out.returncode or not line:
-                    print(out.stderr[-3000:], file=sys.stderr)
-                    rows.append(dict(base, skipped=f"failed (exit {out.returncode})"))
-                    continue
-                r = json.loads(line[0][4:])
-                program = (impl, policy, r.get("cache_size", L))
-                r["compile_cached"] = program in compiled
-                compiled.add(program)
-                r["load_average_1min_at_start"] = load
-                r["wall_s"] = time.perf_counter() - t
-                rows.append(r)
-                print(
-                    f"{label(impl, policy):48} {L:6d}  prefill {r['prefill_tok_s']:8.1f} tok/s  "
-                    f"decode {_fmt(r.get('decode_tok_s')):>6} tok/s  "
-                    f"peak RSS {r['peak_rss_mb']:6.0f} MB  load {load:.1f}",
-                    flush=True,
-                )
+            # Repeats go round every case in turn, so a slow spell of a shared machine does not
+            # fall on all the repeats of one case; each figure is the case's best repeat.
+            for _ in range(args.repeats):
+                for impl, policy in cases(args):
+                    if (impl, policy) in skipped:
+                        continue
+                    r = run_case(args, impl, policy, L, ids_path, hf_dir, env)
+                    if "skipped" in r:
+                        skipped[(impl, policy)] = r["skipped"]
+                        continue
+                    program = (impl, policy, r.get("cache_size", L))
+                    r["compile_cached"] = program in compiled
+                    compiled.add(program)
+                    runs.setdefault((impl, policy), []).append(r)
+            for impl, policy in cases(args):
+                base = dict(impl=impl, policy=policy, length=L)
+                if (impl, policy) in skipped:  # a failure on any repeat voids the case
+                    rows.append(dict(base, skipped=skipped[(impl, policy)]))
+                else:
+                    rows.append(merge_repeats(runs[(impl, policy)]))
     for r in rows:  # greedy tokens shared with torch's (a check that both read the same text)
         t = next((x for x in rows if x["impl"] == "torch" and x["length"] == r["length"]), None)
         if t and r.get("tokens") and t.get("tokens"):
@@ -615,6 +740,7 @@ def main() -> int:
         "cache_size": args.cache_size,
         "chunk_size": args.chunk_size,
         "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
         "attention": args.attention,
         "text": results.text_fingerprint(args.text),
         "note": args.note,
@@ -631,7 +757,8 @@ def main() -> int:
         f"before, {tuple(round(x, 1) for x in load_after)} after; each row records the "
         "1-minute load at its start in the JSON. Model: "
         f"{args.model}, fp32; ours: M = {args.cache_size}, B = {args.chunk_size} (full: every "
-        f"token kept); {args.new_tokens} timed decode steps; ratios against transformers "
+        f"token kept); {args.new_tokens} timed decode steps; each figure the best of "
+        f"{args.repeats} run(s) of its case (round robin); ratios against transformers "
         "(torch, sdpa, full cache) at the same length. Compile time is apart from tokens/s.",
         "",
         f"Command: `{doc['provenance']['command']}` ({doc['total_s'] / 60:.1f} min).",
