@@ -249,8 +249,9 @@ def case_ours(args, ids, impl: str, policy: str) -> dict:
     ).compile()
     row["compile_prefill_s"] = time.perf_counter() - t
 
-    def carry_of(state, token):  # decode_block donates its carry: a fresh one per call
-        return generate.DecodeCarry(state, token, jax.random.PRNGKey(0), token == -1)
+    def carry_of(state, token):  # committed like decode_block's returned carry: one program
+        carry = generate.DecodeCarry(state, token, jax.random.PRNGKey(0), token == -1)
+        return longctx.on_params_device(carry, params)
 
     def decode(carry, steps):
         return generate.decode_block(
