@@ -47,10 +47,11 @@ def save_compressors(
     """
     if conv_dtype not in ("float32", "float16"):
         raise ValueError(f"conv_dtype must be float32 or float16, got {conv_dtype!r}")
-    tensors = {"normalizer": np.asarray(params["normalizer"], np.float32)}
+    # contiguous: safetensors (0.8) writes a strided view's underlying buffer, not its elements
+    tensors = {"normalizer": np.ascontiguousarray(params["normalizer"], np.float32)}
     for i, conv in enumerate(params["convs"]):
-        tensors[f"convs.{i}.w"] = np.asarray(conv["w"], np.float32).astype(conv_dtype)
-        tensors[f"convs.{i}.b"] = np.asarray(conv["b"], np.float32)
+        tensors[f"convs.{i}.w"] = np.ascontiguousarray(conv["w"], np.float32).astype(conv_dtype)
+        tensors[f"convs.{i}.b"] = np.ascontiguousarray(conv["b"], np.float32)
     metadata = {
         "compression_config": json.dumps(dataclasses.asdict(ccfg)),
         "meta": json.dumps(meta or {}),
@@ -287,12 +288,50 @@ def resave(src: str | Path, dst: str | Path, conv_dtype: str = "float16") -> Pat
     return save_compressors(dst, params, ccfg, meta, conv_dtype=conv_dtype, model=model)
 
 
+def cut(
+    src: str | Path, dst: str | Path, cache_size: int, local_len: int, conv_dtype: str = "float32"
+) -> Path:
+    """Write the compressors of ``src`` for a smaller cache: the conv's first C' output channels
+    (fused slots 0..C'-1, C' = floor(cache_size * (1 - hh_keep_rate))), the same kernels, biases
+    and normaliser. A warm start for calibrating a smaller M from a larger M's trained fusion:
+    each output channel is one fused slot's content-based softmax over the rest entries (the conv
+    is shared over positions), so any C' of them are valid filters. One conv layer only (with
+    more, the hidden width C * expand depends on C)."""
+    params, ccfg, meta = _read(src)
+    new = dataclasses.replace(ccfg, cache_size=cache_size, local_len=local_len)
+    if ccfg.n_convlayer != 1:
+        raise ValueError(f"{src}: n_convlayer={ccfg.n_convlayer}; only one conv layer can be cut")
+    if not 1 <= new.num_fused <= ccfg.num_fused:
+        raise ValueError(
+            f"cache_size={cache_size} needs {new.num_fused} fused slots; {src} has "
+            f"{ccfg.num_fused} (cache_size={ccfg.cache_size})"
+        )
+    c = new.num_fused
+    conv = params["convs"][0]
+    params = dict(params, convs=[{"w": conv["w"][..., :c], "b": conv["b"][..., :c]}])
+    meta = dict(
+        meta,
+        cut_from={"file": str(src), "sha256": file_sha256(src), "fused_slots": f"0..{c - 1}"},
+    )
+    return save_compressors(dst, params, new, meta, conv_dtype=conv_dtype, model=stored_model(src))
+
+
 if __name__ == "__main__":
     import argparse
 
-    ap = argparse.ArgumentParser(description="Re-save a compressor file (e.g. a training export).")
+    ap = argparse.ArgumentParser(
+        description="Re-save a compressor file (e.g. a training export), or cut it to a smaller "
+        "cache (--cache-size, --local-len) as a warm start."
+    )
     ap.add_argument("src")
     ap.add_argument("dst")
     ap.add_argument("--conv-dtype", default="float16", choices=["float16", "float32"])
+    ap.add_argument("--cache-size", type=int, help="cut to this M (with --local-len)")
+    ap.add_argument("--local-len", type=int, help="the cut file's recent window")
     args = ap.parse_args()
-    print(resave(args.src, args.dst, args.conv_dtype))
+    if (args.cache_size is None) != (args.local_len is None):
+        ap.error("--cache-size and --local-len go together")
+    if args.cache_size is None:
+        print(resave(args.src, args.dst, args.conv_dtype))
+    else:
+        print(cut(args.src, args.dst, args.cache_size, args.local_len, args.conv_dtype))
