@@ -288,31 +288,30 @@ def resave(src: str | Path, dst: str | Path, conv_dtype: str = "float16") -> Pat
     return save_compressors(dst, params, ccfg, meta, conv_dtype=conv_dtype, model=model)
 
 
-def cut(
+def resize(
     src: str | Path, dst: str | Path, cache_size: int, local_len: int, conv_dtype: str = "float32"
 ) -> Path:
-    """Write the compressors of ``src`` for a smaller cache: the conv's first C' output channels
-    (fused slots 0..C'-1, C' = floor(cache_size * (1 - hh_keep_rate))), the same kernels, biases
-    and normaliser. A warm start for calibrating a smaller M from a larger M's trained fusion:
-    each output channel is one fused slot's content-based softmax over the rest entries (the conv
-    is shared over positions), so any C' of them are valid filters. One conv layer only (with
-    more, the hidden width C * expand depends on C)."""
+    """Write the compressors of ``src`` for another cache size M', as a warm start for calibrating
+    it from a trained M: the same kernels and normaliser, and C' = floor(M' (1 - hh_keep_rate))
+    output channels (fused slots) taken from the C trained ones: the first C' when cutting
+    (C' <= C), channel floor(j C / C') for new slot j when growing (each trained channel repeated
+    C' / C times, side by side). Each output channel is one fused slot's content-based softmax
+    over the rest entries (the conv is shared over positions), so any trained channel is a valid
+    filter for any slot; slot j's residual anchor (its j-th top-scored rest entry) is what differs.
+    One conv layer only (with more, the hidden width C * expand depends on C)."""
     params, ccfg, meta = _read(src)
     new = dataclasses.replace(ccfg, cache_size=cache_size, local_len=local_len)
     if ccfg.n_convlayer != 1:
-        raise ValueError(f"{src}: n_convlayer={ccfg.n_convlayer}; only one conv layer can be cut")
-    if not 1 <= new.num_fused <= ccfg.num_fused:
         raise ValueError(
-            f"cache_size={cache_size} needs {new.num_fused} fused slots; {src} has "
-            f"{ccfg.num_fused} (cache_size={ccfg.cache_size})"
+            f"{src}: n_convlayer={ccfg.n_convlayer}; only a one-layer conv can be resized"
         )
-    c = new.num_fused
+    c, c_new = ccfg.num_fused, new.num_fused
+    take = np.arange(c_new) if c_new <= c else np.arange(c_new) * c // c_new
     conv = params["convs"][0]
-    params = dict(params, convs=[{"w": conv["w"][..., :c], "b": conv["b"][..., :c]}])
-    meta = dict(
-        meta,
-        cut_from={"file": str(src), "sha256": file_sha256(src), "fused_slots": f"0..{c - 1}"},
-    )
+    params = dict(params, convs=[{"w": conv["w"][..., take], "b": conv["b"][..., take]}])
+    src_info = {"file": str(src), "sha256": file_sha256(src), "cache_size": ccfg.cache_size}
+    src_info["channels"] = f"first {c_new} of {c}" if c_new <= c else f"floor(j * {c} / {c_new})"
+    meta = dict(meta, resized_from=src_info)
     return save_compressors(dst, params, new, meta, conv_dtype=conv_dtype, model=stored_model(src))
 
 
@@ -320,18 +319,18 @@ if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(
-        description="Re-save a compressor file (e.g. a training export), or cut it to a smaller "
-        "cache (--cache-size, --local-len) as a warm start."
+        description="Re-save a compressor file (e.g. a training export), or resize it to another "
+        "cache size (--cache-size, --local-len) as a calibration warm start."
     )
     ap.add_argument("src")
     ap.add_argument("dst")
     ap.add_argument("--conv-dtype", default="float16", choices=["float16", "float32"])
-    ap.add_argument("--cache-size", type=int, help="cut to this M (with --local-len)")
-    ap.add_argument("--local-len", type=int, help="the cut file's recent window")
+    ap.add_argument("--cache-size", type=int, help="resize to this M (with --local-len)")
+    ap.add_argument("--local-len", type=int, help="the resized file's recent window")
     args = ap.parse_args()
     if (args.cache_size is None) != (args.local_len is None):
         ap.error("--cache-size and --local-len go together")
     if args.cache_size is None:
         print(resave(args.src, args.dst, args.conv_dtype))
     else:
-        print(cut(args.src, args.dst, args.cache_size, args.local_len, args.conv_dtype))
+        print(resize(args.src, args.dst, args.cache_size, args.local_len, args.conv_dtype))

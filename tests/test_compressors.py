@@ -49,11 +49,11 @@ def test_round_trip_and_shape_errors(tiny_cfg, tmp_path):
         compressors.with_policy_params({}, tiny_cfg, other, tmp_path / "c.safetensors")
 
 
-def test_cut_to_a_smaller_cache(tiny_cfg, tmp_path):
+def test_resize_to_another_cache(tiny_cfg, tmp_path):
     ccfg = CompressionConfig(policy="lococo", cache_size=16, chunk_size=8, kernel_size=5)
     params = policies.init_params(jax.random.PRNGKey(1), tiny_cfg, ccfg)
     src = compressors.save_compressors(tmp_path / "m16.safetensors", params, ccfg, {"step": 9})
-    out = compressors.cut(src, tmp_path / "m8.safetensors", cache_size=8, local_len=2)
+    out = compressors.resize(src, tmp_path / "m8.safetensors", cache_size=8, local_len=2)
     loaded, small, meta = compressors.load_compressors(out, tiny_cfg)
     assert (small.cache_size, small.local_len, small.num_fused) == (8, 2, 4)
     assert small.kernel_size == 5 and small.hh_keep_rate == ccfg.hh_keep_rate
@@ -63,9 +63,13 @@ def test_cut_to_a_smaller_cache(tiny_cfg, tmp_path):
     np.testing.assert_array_equal(loaded["convs"][0]["b"], b[..., :4])
     np.testing.assert_array_equal(loaded["normalizer"], np.asarray(params["normalizer"]))
     sha = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
-    assert meta["step"] == 9 and meta["cut_from"]["sha256"] == sha
-    with pytest.raises(ValueError, match="needs 16 fused slots; .* has 8"):
-        compressors.cut(src, tmp_path / "big.safetensors", cache_size=32, local_len=4)
+    assert meta["step"] == 9 and meta["resized_from"]["sha256"] == sha
+    big = compressors.resize(src, tmp_path / "m40.safetensors", cache_size=40, local_len=4)
+    loaded, grown, _ = compressors.load_compressors(big, tiny_cfg)
+    assert grown.num_fused == 20  # slot j takes trained channel floor(j * 8 / 20)
+    take = [0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 4, 4, 5, 5, 6, 6, 6, 7, 7]
+    np.testing.assert_array_equal(loaded["convs"][0]["w"], w[..., take])
+    np.testing.assert_array_equal(loaded["convs"][0]["b"], b[..., take])
     deep = CompressionConfig(
         policy="lococo", cache_size=16, chunk_size=8, kernel_size=5, n_convlayer=2
     )
@@ -75,8 +79,8 @@ def test_cut_to_a_smaller_cache(tiny_cfg, tmp_path):
         deep,
     )
     with pytest.raises(ValueError, match="n_convlayer=2"):
-        compressors.cut(two, tmp_path / "x.safetensors", cache_size=8, local_len=2)
-    assert not (tmp_path / "big.safetensors").exists() and not (tmp_path / "x.safetensors").exists()
+        compressors.resize(two, tmp_path / "x.safetensors", cache_size=8, local_len=2)
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_provenance_follows_the_committed_file(tiny_cfg, tmp_path, monkeypatch):
