@@ -137,3 +137,30 @@ def test_compressor_note_names_the_files_behind_lococo_cells():
     note = results.compressor_note(cells)
     assert note.count("m128.safetensors (sha256 ab)") == 1
     assert results.compressor_note(cells[:1]) is None
+
+
+def test_fixed_m_table_shows_the_newest_cell_per_setting():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import eval_perplexity
+
+    def cell(policy, ppl, M=64):
+        config = CompressionConfig(policy=policy, cache_size=M).__dict__
+        return {
+            "policy": policy,
+            "cache_size": M,
+            "rope": 1.0,
+            "ppl": {"1024": ppl},
+            "key_fields": {"config": config},
+        }
+
+    # the same lococo setting measured with an old and a new compressor file: the new one shows
+    cells = [cell("full", 18.2), cell("lococo", 18.79), cell("h2o", 18.98), cell("lococo", 18.98)]
+    rows = eval_perplexity.table(cells, [1024]).splitlines()[2:]
+    assert [r.split("|")[1].strip().split()[0] for r in rows] == ["full", "h2o", "lococo"]
+    assert "| lococo | 64 | 1 | 18.98 |" in rows
+    # another M or another set of lengths is another row
+    cells.append(cell("lococo", 19.5, M=128))
+    assert len(eval_perplexity.table(cells, [1024]).splitlines()) == 2 + 4
