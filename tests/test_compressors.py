@@ -159,5 +159,11 @@ def test_committed_compressors_beat_eviction_at_m64(smollm2):
         assert trained is (True if policy == "lococo" else None)  # bound to this model
         nll[policy] = evaluate.perplexity(p, ids, cfg, ccfg).nll
     print("held-out NLL at M=64:", nll)
+    # Recorded with the committed file (130 CPU steps from the cut M = 128 compressors; fp32 on
+    # a CPU). Its own anchors (a = 0) read 3.5865 here: on this test text the M = 64 fusion does
+    # not pay (calibration.md), so only the eviction baselines are asserted below it.
+    recorded = {"lococo": 3.5925, "h2o": 3.6121, "streaming": 3.6649}
+    for name, want in recorded.items():
+        assert abs(nll[name] - want) < 2e-3, (name, nll[name], want)
     assert nll["lococo"] < nll["h2o"]
     assert nll["lococo"] < nll["streaming"]
