@@ -1,13 +1,14 @@
-"""SnapKV and KeyDiff against kvpress's own presses (NVIDIA kvpress 0.5.5, the library KV-cache
-compression is compared with): one chunk of a tiny random Llama read through our chunked
-forward keeps, in every layer and KV head, exactly the positions kvpress's press keeps from
-transformers' eager attention (SnapKV) or cached keys (KeyDiff) on the same weights.
+"""SnapKV, KeyDiff and TOVA against kvpress's own presses (NVIDIA kvpress 0.5.5, the library
+KV-cache compression is compared with): one chunk of a tiny random Llama read through our
+chunked forward keeps, in every layer and KV head, exactly the positions kvpress's press keeps
+from transformers' eager attention (SnapKV, TOVA) or cached keys (KeyDiff) on the same weights.
 
 kvpress is installed --no-deps into .venv/kvpress-ref by the Makefile (its package __init__
 imports its pipeline, which needs datasets and peft, and its metadata pins transformers < 5.3;
 the presses themselves need only torch and transformers), so its press modules are loaded here
-under a bare package. TOVA is not compared: kvpress's TOVAPress always keeps the last token,
-which TOVA itself does not enforce (its docstring says so), and neither do we.
+under a bare package. TOVA differs by design in one place: kvpress's TOVAPress always keeps the
+last token, which TOVA itself does not enforce (its docstring says so), and neither do we; the
+TOVA test checks equality where both keep it and the one-entry swap elsewhere.
 """
 
 from __future__ import annotations
@@ -114,3 +115,27 @@ def test_keydiff_keeps_what_kvpress_keeps(tiny_cfg, peaky_params, hf_run):
     got = _our_positions(peaky_params, tiny_cfg, ccfg, toks)
     assert not (want == np.arange(M)).all()  # not simply the oldest entries
     np.testing.assert_array_equal(got, want)
+
+
+def test_tova_keeps_what_kvpress_keeps_where_both_keep_the_last_token(
+    tiny_cfg, peaky_params, hf_run
+):
+    """kvpress's TOVAPress always keeps the last token; TOVA (and ours) keeps it only when its
+    score is in the top M. Per layer where ours kept it, the kept sets must be equal; elsewhere
+    kvpress's set is ours with our lowest-scored entry swapped for the last token, which shows
+    as exactly one position of difference."""
+    toks, model, out = hf_run
+    tova = _press("tova_press").TOVAPress(compression_ratio=1 - M / T)
+    want = _kvpress_positions(tova, model, tiny_cfg, out.attentions, _keys(tiny_cfg, out))
+    ccfg = CompressionConfig(policy="tova", cache_size=M, chunk_size=T)
+    got = _our_positions(peaky_params, tiny_cfg, ccfg, toks)
+    kept_last = 0
+    for li in range(tiny_cfg.num_hidden_layers):
+        for j in range(tiny_cfg.num_key_value_heads):
+            if T - 1 in got[li, j]:
+                kept_last += 1
+                np.testing.assert_array_equal(got[li, j], want[li, j], err_msg=f"layer {li}")
+            else:
+                assert len(set(got[li, j]) - set(want[li, j])) == 1
+                assert set(want[li, j]) - set(got[li, j]) == {T - 1}
+    assert 0 < kept_last, kept_last
