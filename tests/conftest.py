@@ -90,6 +90,25 @@ def make_tiny_hf(folder, edit=None, **config):
     return folder
 
 
+def torch_llama(cfg, params):
+    """transformers' LlamaForCausalLM (eval mode) holding our ``params`` for ``cfg``: the
+    reference our forward passes are compared with. Every weight must load (only the rotary
+    buffers, and a tied lm_head, are transformers' own)."""
+    import numpy as np
+    import torch
+    import transformers
+
+    from lococo_jax.train.export import hf_state_dict
+
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**cfg.to_hf_config(for_transformers=True))
+    ).eval()
+    state = {k: torch.from_numpy(np.array(v)) for k, v in hf_state_dict(cfg, params).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all("rotary" in m or "lm_head" in m for m in missing)
+    return model
+
+
 AUSTEN_SAMPLE = os.path.join(os.path.dirname(__file__), "data", "austen_sample.txt")
 
 

@@ -91,14 +91,10 @@ def test_flash_forward_matches_transformers_over_several_blocks(params):
     """600 tokens = two 512-token blocks, the second ragged: transformers (eager attention)
     on the same weights."""
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    from lococo_jax.train.export import hf_state_dict
+    pytest.importorskip("transformers")
+    from conftest import torch_llama
 
-    hf_cfg = transformers.LlamaConfig(**CFG.to_hf_config(for_transformers=True))
-    model = transformers.LlamaForCausalLM(hf_cfg).eval()
-    state = {k: torch.from_numpy(np.array(v)) for k, v in hf_state_dict(CFG, params).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all("rotary" in m or "lm_head" in m for m in missing)
+    model = torch_llama(CFG, params)
     tokens = np.random.default_rng(4).integers(0, CFG.vocab_size, (1, 600))
     with torch.no_grad():
         ref = model(torch.as_tensor(tokens)).logits.numpy()

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import torch_llama
 
 from lococo_jax import longctx
 from lococo_jax.config import CompressionConfig
 
 torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
 KVPRESS = Path(sys.prefix) / "kvpress-ref" / "kvpress"
 T, M = 32, 16  # one chunk of T tokens compressed to M slots: kvpress's compression_ratio 0.5
@@ -45,15 +46,7 @@ def _press(name: str):
 @pytest.fixture(scope="module")
 def hf_run(tiny_cfg, peaky_params):
     """transformers (eager attention) on our weights over T tokens: (tokens, model, output)."""
-    from lococo_jax.train.export import hf_state_dict
-
-    hf_cfg = transformers.LlamaConfig(**tiny_cfg.to_hf_config(for_transformers=True))
-    model = transformers.LlamaForCausalLM(hf_cfg).eval()
-    state = {
-        k: torch.from_numpy(np.array(v)) for k, v in hf_state_dict(tiny_cfg, peaky_params).items()
-    }
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all("rotary" in m or "lm_head" in m for m in missing)
+    model = torch_llama(tiny_cfg, peaky_params)
     model.config._attn_implementation = "eager"  # attentions as probabilities
     toks = np.random.RandomState(5).randint(0, tiny_cfg.vocab_size, (1, T))
     with torch.no_grad():
