@@ -150,10 +150,7 @@ def _order(c: dict) -> tuple:
 
 def _newest(cells: list[dict]) -> dict[str, dict]:
     """One cell per (text, row name): the newest."""
-    out: dict[str, dict] = {}
-    for c in sorted(cells, key=lambda c: c["provenance"]["finished"]):
-        out[c["key_fields"]["text"]["name"] + "|" + _row_name(c)] = c
-    return out
+    return results.newest(cells, lambda c: c["key_fields"]["text"]["name"] + "|" + _row_name(c))
 
 
 def _k(L: int) -> str:

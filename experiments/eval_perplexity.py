@@ -39,18 +39,14 @@ def _name(c: dict) -> str:
     return name + (" (untrained)" if c.get("trained") is False else "")
 
 
-def newest(cells: list[dict]) -> list[dict]:
-    """One cell per (setting, M, RoPE factor, lengths): the last written. A lococo cell whose
-    compressor file has since changed stays in the JSON but is superseded by the new one."""
-    last = {(_name(c), c["cache_size"], c["rope"], tuple(sorted(c["ppl"]))): c for c in cells}
-    return list(last.values())
-
-
 def table(cells: list[dict], lengths: list[int]) -> str:
     lines = ["| policy | M | RoPE x | " + " | ".join(f"{L // 1024}K" for L in lengths) + " |"]
     lines.append("|---" * (3 + len(lengths)) + "|")
     for c in sorted(
-        newest(cells),
+        # one row per (setting, M, RoPE factor, lengths): the newest cell
+        results.newest(
+            cells, lambda c: (_name(c), c["cache_size"], c["rope"], tuple(sorted(c["ppl"])))
+        ).values(),
         key=lambda c: (c["rope"], c["policy"] != "full", c["cache_size"], c["policy"]),
     ):
         M = "all" if c["policy"] == "full" else str(c["cache_size"])

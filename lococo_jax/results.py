@@ -128,6 +128,16 @@ def compressor_note(cells: list[dict[str, Any]]) -> str | None:
     )
 
 
+def newest(cells: list[dict[str, Any]], key: Callable[[dict], Any]) -> dict[Any, dict]:
+    """One cell per ``key(cell)``: the one finished last (provenance "finished"). A setting
+    measured again after its inputs changed (e.g. a new compressor file: a new cell key) keeps
+    its old cell in the store, superseded in the tables by the new one."""
+    out: dict[Any, dict] = {}
+    for c in sorted(cells, key=lambda c: c["provenance"]["finished"]):
+        out[key(c)] = c
+    return out
+
+
 def report_footer(cells: list[dict[str, Any]]) -> str:
     """The end of a result file's markdown: the compressor files behind its lococo cells (if
     any) and every command and device its cells came from."""

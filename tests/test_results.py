@@ -146,7 +146,7 @@ def test_fixed_m_table_shows_the_newest_cell_per_setting():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
     import eval_perplexity
 
-    def cell(policy, ppl, M=64):
+    def cell(policy, ppl, finished, M=64):
         config = CompressionConfig(policy=policy, cache_size=M).__dict__
         return {
             "policy": policy,
@@ -154,13 +154,20 @@ def test_fixed_m_table_shows_the_newest_cell_per_setting():
             "rope": 1.0,
             "ppl": {"1024": ppl},
             "key_fields": {"config": config},
+            "provenance": {"finished": f"2026-12-04T{finished}Z"},
         }
 
-    # the same lococo setting measured with an old and a new compressor file: the new one shows
-    cells = [cell("full", 18.2), cell("lococo", 18.79), cell("h2o", 18.98), cell("lococo", 18.98)]
+    # the same lococo setting measured with an old and a new compressor file: the one finished
+    # last shows, wherever it stands in the store
+    cells = [
+        cell("full", 18.2, "19:00:00"),
+        cell("lococo", 18.98, "23:21:49"),
+        cell("h2o", 18.98, "19:20:09"),
+        cell("lococo", 18.79, "19:18:36"),
+    ]
     rows = eval_perplexity.table(cells, [1024]).splitlines()[2:]
     assert [r.split("|")[1].strip().split()[0] for r in rows] == ["full", "h2o", "lococo"]
     assert "| lococo | 64 | 1 | 18.98 |" in rows
     # another M or another set of lengths is another row
-    cells.append(cell("lococo", 19.5, M=128))
+    cells.append(cell("lococo", 19.5, "23:30:00", M=128))
     assert len(eval_perplexity.table(cells, [1024]).splitlines()) == 2 + 4
