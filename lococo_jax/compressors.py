@@ -1,9 +1,12 @@
 """Trained LoCoCo compressor weights alone (params["lococo"]): small, shareable files.
 
-Format: one safetensors file with flat keys ``convs.{i}.w`` [L, k, in, out], ``convs.{i}.b``
-[L, out], ``normalizer`` [L], and metadata holding the CompressionConfig (JSON) and free-form
-provenance (model, command, data split). safetensors rather than orbax because the file is
-meant to be committed, diffed by size, and read without a checkpoint directory layout.
+Format: one safetensors file with flat keys ``convs.{i}.w`` [L, k, in, U], ``convs.{i}.b``
+[L, U], ``normalizer`` [L], and metadata holding the CompressionConfig (JSON) and free-form
+provenance (model, command, data split). U = out unless a layer's output channels repeat (a file
+grown by ``resize`` repeats each trained channel): then only the U distinct channels are stored,
+with ``convs.{i}.take`` [out] (int32) giving each output channel's stored one. safetensors
+rather than orbax because the file is meant to be committed, diffed by size, and read without a
+checkpoint directory layout.
 """
 
 from __future__ import annotations
@@ -47,11 +50,18 @@ def save_compressors(
     """
     if conv_dtype not in ("float32", "float16"):
         raise ValueError(f"conv_dtype must be float32 or float16, got {conv_dtype!r}")
-    # contiguous: safetensors (0.8) writes a strided view's underlying buffer, not its elements
     tensors = {"normalizer": np.ascontiguousarray(params["normalizer"], np.float32)}
     for i, conv in enumerate(params["convs"]):
-        tensors[f"convs.{i}.w"] = np.ascontiguousarray(conv["w"], np.float32).astype(conv_dtype)
-        tensors[f"convs.{i}.b"] = np.ascontiguousarray(conv["b"], np.float32)
+        w = np.asarray(conv["w"], np.float32).astype(conv_dtype)
+        b = np.asarray(conv["b"], np.float32)
+        take = _repeated_channels(w, b)
+        if take is not None:
+            kept = np.unique(take, return_index=True)[1]  # each one's first channel
+            w, b = w[..., kept], b[..., kept]
+            tensors[f"convs.{i}.take"] = take
+        # contiguous: safetensors (0.8) writes a strided view's underlying buffer, not its elements
+        tensors[f"convs.{i}.w"] = np.ascontiguousarray(w)
+        tensors[f"convs.{i}.b"] = np.ascontiguousarray(b)
     metadata = {
         "compression_config": json.dumps(dataclasses.asdict(ccfg)),
         "meta": json.dumps(meta or {}),
@@ -75,6 +85,39 @@ def save_compressors(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _repeated_channels(w: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+    """w [..., out], b [..., out] -> None if every output channel is distinct, else take [out]
+    (int32): channel j's index among the distinct channels (each one's first occurrence,
+    in order), so that w == w[..., unique][..., take]."""
+    out = w.shape[-1]
+    rows = np.concatenate(
+        [np.moveaxis(w, -1, 0).reshape(out, -1).astype(np.float32), b.reshape(-1, out).T], axis=1
+    )
+    _, first, inverse = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+    if len(first) == out:
+        return None
+    rank = np.empty(len(first), np.int32)
+    rank[np.argsort(first)] = np.arange(len(first), dtype=np.int32)
+    return rank[inverse.reshape(-1)]
+
+
+def _expand(path: str | Path, i: int, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Conv layer i's {"w", "b"} with a stored ``take`` index applied (see the module doc)."""
+    w, b = tensors[f"convs.{i}.w"], tensors[f"convs.{i}.b"]
+    take = tensors.get(f"convs.{i}.take")
+    if take is None:
+        return {"w": w, "b": b}
+    stored = w.shape[-1]
+    if take.ndim != 1 or not np.issubdtype(take.dtype, np.integer) or take.size == 0:
+        raise ValueError(f"{path}: convs.{i}.take must be a non-empty 1-D integer index")
+    if take.min() < 0 or take.max() >= stored or b.shape[-1] != stored:
+        raise ValueError(
+            f"{path}: convs.{i}.take indexes {stored} stored channels (w {w.shape}, b {b.shape}) "
+            f"but holds values {int(take.min())}..{int(take.max())}"
+        )
+    return {"w": w[..., take], "b": b[..., take]}
 
 
 def load_compressors(
@@ -117,10 +160,7 @@ def _read(path: str | Path) -> tuple[dict[str, Any], CompressionConfig, dict[str
     ccfg = CompressionConfig.from_dict(json.loads(md["compression_config"]), source=str(path))
     tensors = load_file(str(path))
     params = {
-        "convs": [
-            {"w": tensors[f"convs.{i}.w"], "b": tensors[f"convs.{i}.b"]}
-            for i in range(ccfg.n_convlayer)
-        ],
+        "convs": [_expand(path, i, tensors) for i in range(ccfg.n_convlayer)],
         "normalizer": tensors["normalizer"],
     }
     return params, ccfg, json.loads(md.get("meta", "{}"))

@@ -9,6 +9,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 from lococo_jax import compressors, evaluate, policies
 from lococo_jax.config import CompressionConfig
@@ -70,6 +72,10 @@ def test_resize_to_another_cache(tiny_cfg, tmp_path):
     take = [0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 4, 4, 5, 5, 6, 6, 6, 7, 7]
     np.testing.assert_array_equal(loaded["convs"][0]["w"], w[..., take])
     np.testing.assert_array_equal(loaded["convs"][0]["b"], b[..., take])
+    raw = load_file(str(big))  # the 8 distinct channels are stored once, with the index
+    np.testing.assert_array_equal(raw["convs.0.take"], take)
+    np.testing.assert_array_equal(raw["convs.0.w"], w)
+    assert big.stat().st_size < src.stat().st_size + 1024
     deep = CompressionConfig(
         policy="lococo", cache_size=16, chunk_size=8, kernel_size=5, n_convlayer=2
     )
@@ -81,6 +87,32 @@ def test_resize_to_another_cache(tiny_cfg, tmp_path):
     with pytest.raises(ValueError, match="n_convlayer=2"):
         compressors.resize(two, tmp_path / "x.safetensors", cache_size=8, local_len=2)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_repeated_channels_are_stored_once(tiny_cfg, tmp_path):
+    ccfg = CompressionConfig(policy="lococo", cache_size=16, chunk_size=8, kernel_size=5)
+    params = policies.init_params(jax.random.PRNGKey(2), tiny_cfg, ccfg)
+    w, b = np.array(params["convs"][0]["w"]), np.array(params["convs"][0]["b"])
+    w[..., 7] = w[..., 1]
+    b[0, 7] = b[0, 1] + 0.5  # channels 7 and 1 differ in one bias only
+    order = [5, 1, 5, 7, 1, 1, 0, 5]  # the saved set's channel j is channel order[j]
+    params["convs"][0] = {"w": w[..., order], "b": b[..., order]}
+    path = compressors.save_compressors(tmp_path / "r.safetensors", params, ccfg)
+    raw = load_file(str(path))
+    np.testing.assert_array_equal(raw["convs.0.take"], [0, 1, 0, 2, 1, 1, 3, 0])
+    np.testing.assert_array_equal(raw["convs.0.w"], w[..., [5, 1, 7, 0]])
+    loaded, _, _ = compressors.load_compressors(path, tiny_cfg)
+    np.testing.assert_array_equal(loaded["convs"][0]["w"], w[..., order])
+    np.testing.assert_array_equal(loaded["convs"][0]["b"], b[..., order])
+    distinct = compressors.save_compressors(
+        tmp_path / "d.safetensors", {**params, "convs": [{"w": w, "b": b}]}, ccfg
+    )
+    assert "convs.0.take" not in load_file(str(distinct))
+    raw["convs.0.take"] = np.array([0, 1, 0, 2, 1, 1, 4, 0], np.int32)
+    with safe_open(str(path), framework="numpy") as f:
+        save_file(raw, tmp_path / "bad.safetensors", metadata=f.metadata())
+    with pytest.raises(ValueError, match=r"convs.0.take indexes 4 stored channels .* 0..4"):
+        compressors.load_compressors(tmp_path / "bad.safetensors", tiny_cfg)
 
 
 def test_provenance_follows_the_committed_file(tiny_cfg, tmp_path, monkeypatch):
