@@ -14,6 +14,10 @@ so only the check runs there.
     python experiments/bench_fusion.py                       # GPU/TPU: check + timings
     python experiments/bench_fusion.py --check-only          # any platform, < 1 min on CPU
     python experiments/bench_fusion.py --sizes smollm2 --batches 1 8 --iters 50
+    python experiments/bench_fusion.py --splits 1 2 4 8  # also the forward at these splits
+
+The kernel's default forward splits each (row, channel tile)'s positions among several programs
+on a GPU (BlockSizes.splits None); --splits times the forward at other counts beside it.
 """
 
 from __future__ import annotations
@@ -180,6 +184,15 @@ def bench_size(name: str, size: Size, batch: int, args: argparse.Namespace) -> d
     )
     ref_bwd = jax.jit(jax.grad(_loss(conv_softmax_mix_reference, ck, ck, vl), (0, 1, 2, 3)))
     row["fwd_kernel_ms"] = time_ms(kern, k, v, layers, vl, iters=args.iters)
+    row["splits_default"] = _resolved_splits(bs, R, N, C)
+    row["fwd_kernel_ms_by_splits"] = {}
+    for sp in args.splits:
+        bs_sp = dataclasses.replace(bs, splits=sp)
+        f = jax.jit(
+            lambda k, v, layers, vl, b=bs_sp: conv_softmax_mix(k, v, layers, vl, block_sizes=b)
+        )
+        key = str(_resolved_splits(bs_sp, R, N, C))
+        row["fwd_kernel_ms_by_splits"][key] = time_ms(f, k, v, layers, vl, iters=args.iters)
     row["fwd_reference_ms"] = time_ms(ref, k, v, layers, vl, iters=args.iters)
     row["fwdbwd_kernel_ms"] = time_ms(kern_bwd("pallas"), k, v, w, b, iters=args.iters)
     row["fwdbwd_kernel_xla_bwd_ms"] = time_ms(kern_bwd("xla"), k, v, w, b, iters=args.iters)
@@ -191,12 +204,23 @@ def bench_size(name: str, size: Size, batch: int, args: argparse.Namespace) -> d
     return row
 
 
+def _resolved_splits(bs: BlockSizes, r: int, n: int, c: int) -> int:
+    """How many programs share a (row, channel tile)'s positions in the forward on this backend."""
+    from kernels import lococo_fusion as lf
+
+    block_n, block_c = lf._tile(bs.block_n, n, 16), lf._tile(bs.block_c, c, 16)
+    platform = jax.default_backend()
+    n_tiles, c_tiles = -(-n // block_n), -(-c // block_c)
+    return lf._splits(bs.splits, r=r, c_tiles=c_tiles, n_tiles=n_tiles, platform=platform)[0]
+
+
 def print_table(rows: list[dict]) -> None:
     cols = [
         ("size", "size", "{}"),
         ("batch", "b", "{}"),
         ("fwd_kernel_ms", "fwd kern", "{:.3f}"),
         ("fwd_reference_ms", "fwd ref", "{:.3f}"),
+        ("splits_default", "splits", "{}"),
         ("kv_read_ms_at_hbm", "kv read", "{:.4f}"),
         ("fwd_kernel_over_kv_read", "kern/read", "{:.1f}"),
         ("fwdbwd_kernel_ms", "f+b kern", "{:.3f}"),
@@ -208,6 +232,9 @@ def print_table(rows: list[dict]) -> None:
     print("  ".join(f"{h:>12}" for _, h, _ in cols) + "   (median ms)")
     for r in rows:
         print("  ".join(f"{fmt.format(r[k]):>12}" for k, _, fmt in cols))
+        if r.get("fwd_kernel_ms_by_splits"):
+            by = ", ".join(f"{k}: {v:.3f}" for k, v in r["fwd_kernel_ms_by_splits"].items())
+            print(f"{'':>12}  forward at other splits (ms): {by}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,6 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--block-c", type=int, default=None, help="BlockSizes.block_c (default: per backend)"
+    )
+    p.add_argument(
+        "--splits",
+        type=int,
+        nargs="*",
+        default=[1],
+        help="also time the forward with these BlockSizes.splits (default: 1, the unsplit grid)",
     )
     p.add_argument("--check-only", action="store_true", help="correctness only, no timings")
     p.add_argument(

@@ -14,7 +14,10 @@ inputs) and they get no softmax weight, so their gradients are zero.
 
 The kernel (`impl="pallas"`) never writes A: a grid over (row, channel tile) runs an online
 softmax (running max / running sum) over position tiles, computing each tile's conv logits from a
-haloed window of x and accumulating A k and A v in the same pass. Its backward recomputes the
+haloed window of x and accumulating A k and A v in the same pass. With ``splits`` > 1 the
+position tiles are shared among that many programs per (row, channel tile), each keeping its own
+(max, sum, A k, A v), which XLA then combines (as flash-decoding does): a small grid (batch 1,
+few KV heads) then still has enough programs to fill a GPU. Its backward recomputes the
 logits per tile from the saved logsumexp. `conv_softmax_mix_reference` is the jnp ground truth.
 """
 
@@ -38,6 +41,8 @@ BACKWARDS = ("pallas", "xla")
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 # The Pallas kernel unrolls the ksize taps (2 * ksize matmuls per tile); compile time grows with it.
 MAX_PALLAS_KERNEL_SIZE = 63
+# Programs the GPU forward aims for when splits is None: about two per SM of an H100 (132).
+MIN_GPU_PROGRAMS = 256
 
 _NEG = -0.7 * float(np.finfo(np.float32).max)  # finite "-inf": exp(_NEG - m) == 0 without NaNs
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -57,6 +62,9 @@ class BlockSizes:
         multiple of it.
         Bounds the fp32 accumulators [block_c, d] x 2 and logits [block_c, block_n] per program.
     block_n_bwd: positions per tile in the backward (None: block_n).
+    splits: programs that share one (row, channel tile)'s position tiles in the forward, their
+        partial softmaxes combined after the kernel. None: 1, except on GPU, where it is raised
+        until the grid has about MIN_GPU_PROGRAMS programs (at most one tile per program).
     window_loads: how a tile's haloed input is read. True: one aligned load of
         [block_n + halo] rows, then static slices per tap (what Mosaic/TPU lowers well). False:
         one load per tap at offset start + t (Triton has no value slicing). None: True on TPU,
@@ -67,6 +75,7 @@ class BlockSizes:
     block_c: int = 64
     block_n_bwd: int | None = None
     window_loads: bool | None = None
+    splits: int | None = None
 
     @classmethod
     def for_backend(cls, backend: str | None = None) -> BlockSizes:
@@ -192,6 +201,8 @@ class _Static:
     block_c: int
     block_n_bwd: int
     window: bool
+    splits: int  # programs per (row, channel tile) in the forward; their tiles: tiles_per_split
+    tiles_per_split: int
     interpret: Any
     backward: str
     platform: str  # "cpu" | "gpu" | "tpu": which compiler params the kernel is lowered with
@@ -246,21 +257,23 @@ def _tile_logits(
     return s, k_tile, v_tile
 
 
-def _fwd_kernel(
-    kp_ref, vp_ref, wk_ref, wv_ref, b_ref, mask_ref, ok_ref, ov_ref, lse_ref, *, st: _Static
-):
-    """One (row, channel tile): online softmax over the position tiles.
-    kp/vp [L, d], wk/wv [ksize, bc, d], b [bc, 1], mask [1, Lm] -> out [bc, d], lse [bc, 1]."""
+def _fwd_kernel(kp_ref, vp_ref, wk_ref, wv_ref, b_ref, mask_ref, *out_refs, st: _Static):
+    """One (row, channel tile[, split]): online softmax over its position tiles.
+    kp/vp [L, d], wk/wv [ksize, bc, d], b [bc, 1], mask [1, Lm] -> with one split: out_k, out_v
+    [bc, d], lse [bc, 1]; with more: this split's unnormalised A k, A v [bc, d] (fp32) and its
+    running max and sum [bc, 1] (_combine_splits finishes them)."""
     bn = st.block_n
-    n_tiles = mask_ref.shape[-1] // bn
-    bc, d = ok_ref.shape
+    n_tiles = st.tiles_per_split
+    bc, d = out_refs[0].shape
     bias = b_ref[...].astype(jnp.float32)
+    first = 0 if st.splits == 1 else pl.program_id(2) * n_tiles
 
     def body(i, carry):
         m, l, acc_k, acc_v = carry
         # One tile: a static 0. Mosaic must prove a dynamic lane offset (the mask's last axis)
         # a multiple of 128, which i * bn with bn < 128 is not.
-        start = 0 if n_tiles == 1 else pl.multiple_of(i * bn, bn)
+        one = n_tiles == 1 and st.splits == 1
+        start = 0 if one else pl.multiple_of((first + i) * bn, bn)
         s, k_t, v_t = _tile_logits(
             kp_ref,
             vp_ref,
@@ -296,6 +309,11 @@ def _fwd_kernel(
         m, l, acc_k, acc_v = body(0, init)
     else:
         m, l, acc_k, acc_v = lax.fori_loop(0, n_tiles, body, init)
+    if st.splits > 1:
+        for ref, val in zip(out_refs, (acc_k, acc_v, m, l), strict=True):
+            ref[...] = val
+        return
+    ok_ref, ov_ref, lse_ref = out_refs
     ok_ref[...] = (acc_k / l).astype(ok_ref.dtype)
     ov_ref[...] = (acc_v / l).astype(ov_ref.dtype)
     lse_ref[...] = m + jnp.log(l)
@@ -381,13 +399,13 @@ def _tile(block: int, n: int, minimum: int) -> int:
     return max(minimum, min(block, pl.next_power_of_2(max(n, 1))))
 
 
-def _compiler_params(interpret: Any, d: int, platform: str) -> Any:
+def _compiler_params(interpret: Any, d: int, platform: str, grid_axes: int = 2) -> Any:
     if interpret is not False:
         return None
     if platform == "tpu":
         from jax.experimental.pallas import tpu as pltpu
 
-        return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
+        return pltpu.CompilerParams(dimension_semantics=("parallel",) * grid_axes)
     if platform == "gpu":
         # Triton, named explicitly: with no params, Pallas picks Mosaic GPU on this jax.
         from jax.experimental.pallas import triton as plgpu
@@ -400,7 +418,7 @@ def _padded_inputs(
     k: jax.Array, v: jax.Array, valid_len: jax.Array, bn: int, ksize: int
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """-> kp, vp [R, Lm + halo, d] (absent positions zeroed, h zero rows in front), mask
-    [R, 1, Lm] fp32 (1 = present), Lm = N rounded up to bn."""
+    [R, 1, Lm] fp32 (1 = present), Lm = N rounded up to bn (a multiple of the tile)."""
     _, n, _ = k.shape
     h = (ksize - 1) // 2
     lm = _round_up(n, bn)
@@ -429,37 +447,55 @@ def _forward(k, v, w, b, valid_len, st: _Static):
     """-> out_k, out_v [R, C, d] (k's dtype), lse [R, Cp, 1] fp32."""
     r, n, d = k.shape
     c = w.shape[2]
-    bn, bc, ksize = st.block_n, st.block_c, st.ksize
-    kp, vp, mask = _padded_inputs(k, v, valid_len, bn, ksize)
+    bn, bc, ksize, sp = st.block_n, st.block_c, st.ksize, st.splits
+    kp, vp, mask = _padded_inputs(k, v, valid_len, bn * st.tiles_per_split, ksize)
     wk, wv, bp = _padded_weights(w, b, d, bc, k.dtype)
     total, lm, cp = kp.shape[1], mask.shape[-1], wk.shape[1]
-    row = lambda i, j: (i, 0, 0)
-    ok, ov, lse = pl.pallas_call(
+    row = lambda i, j, *_: (i, 0, 0)
+    chan = lambda i, j, *_: (0, j, 0)
+    if sp == 1:
+        out = lambda i, j: (i, j, 0)
+        out_specs = [pl.BlockSpec((None, bc, w_), out) for w_ in (d, d, 1)]
+        out_shape = [
+            jax.ShapeDtypeStruct((r, cp, w_), dt)
+            for w_, dt in ((d, k.dtype), (d, k.dtype), (1, jnp.float32))
+        ]
+    else:  # each split's partial (A k, A v, max, sum) in fp32, combined below
+        out = lambda i, j, s: (i, s, j, 0)
+        out_specs = [pl.BlockSpec((None, None, bc, w_), out) for w_ in (d, d, 1, 1)]
+        out_shape = [jax.ShapeDtypeStruct((r, sp, cp, w_), jnp.float32) for w_ in (d, d, 1, 1)]
+    grid = (r, cp // bc) + ((sp,) if sp > 1 else ())
+    outs = pl.pallas_call(
         functools.partial(_fwd_kernel, st=st),
-        grid=(r, cp // bc),  # channel tiles innermost: the row's k, v block is reused
+        grid=grid,  # channel tiles (and splits) innermost: the row's k, v block is reused
         in_specs=[
             pl.BlockSpec((None, total, d), row),
             pl.BlockSpec((None, total, d), row),
-            pl.BlockSpec((ksize, bc, d), lambda i, j: (0, j, 0)),
-            pl.BlockSpec((ksize, bc, d), lambda i, j: (0, j, 0)),
-            pl.BlockSpec((bc, 1), lambda i, j: (j, 0)),
+            pl.BlockSpec((ksize, bc, d), chan),
+            pl.BlockSpec((ksize, bc, d), chan),
+            pl.BlockSpec((bc, 1), lambda i, j, *_: (j, 0)),
             pl.BlockSpec((None, 1, lm), row),
         ],
-        out_specs=[
-            pl.BlockSpec((None, bc, d), lambda i, j: (i, j, 0)),
-            pl.BlockSpec((None, bc, d), lambda i, j: (i, j, 0)),
-            pl.BlockSpec((None, bc, 1), lambda i, j: (i, j, 0)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((r, cp, d), k.dtype),
-            jax.ShapeDtypeStruct((r, cp, d), k.dtype),
-            jax.ShapeDtypeStruct((r, cp, 1), jnp.float32),
-        ],
+        out_specs=out_specs,
+        out_shape=out_shape,
         interpret=st.interpret,
-        compiler_params=_compiler_params(st.interpret, d, st.platform),
+        compiler_params=_compiler_params(st.interpret, d, st.platform, len(grid)),
         name="lococo_fusion_fwd",
     )(kp, vp, wk, wv, bp, mask)
+    ok, ov, lse = outs if sp == 1 else _combine_splits(*outs, k.dtype)
     return ok[:, :c], ov[:, :c], lse
+
+
+def _combine_splits(acc_k, acc_v, m, l, dtype):
+    """Partial softmaxes [R, splits, Cp, .] -> out_k, out_v [R, Cp, d] (dtype), lse [R, Cp, 1].
+    A split with no present position has max _NEG and sum 0, so its weight exp(_NEG - max) is
+    0; position 0 is always present, so the first split never is empty."""
+    top = jnp.max(m, axis=1, keepdims=True)
+    wgt = jnp.exp(m - top)  # [R, S, Cp, 1]
+    total = jnp.sum(wgt * l, axis=1)
+    ok = jnp.sum(wgt * acc_k, axis=1) / total
+    ov = jnp.sum(wgt * acc_v, axis=1) / total
+    return ok.astype(dtype), ov.astype(dtype), top[:, 0] + jnp.log(total)
 
 
 def _backward_pallas(st: _Static, k, v, w, b, valid_len, ok, ov, lse, dok, dov):
@@ -638,6 +674,8 @@ def conv_softmax_mix(
             raise ValueError(f"block_sizes.{name} must be a positive multiple of 8, got {val}")
     if bs.block_n_bwd is not None and (bs.block_n_bwd < 8 or bs.block_n_bwd % 8):
         raise ValueError(f"block_sizes.block_n_bwd must be a multiple of 8, got {bs.block_n_bwd}")
+    if bs.splits is not None and (not isinstance(bs.splits, int) or bs.splits < 1):
+        raise ValueError(f"block_sizes.splits must be a positive int or None, got {bs.splits}")
     if interpret is None:
         interpret = platform == "cpu"
     d = k.shape[-1]
@@ -649,13 +687,23 @@ def conv_softmax_mix(
             )
     n, c = k.shape[1], w.shape[2]
     window = bs.window_loads if bs.window_loads is not None else platform == "tpu"
+    block_n, block_c = _tile(bs.block_n, n, 16), _tile(bs.block_c, c, 16)
+    splits, per_split = _splits(
+        bs.splits,
+        r=k.shape[0],
+        c_tiles=-(-c // block_c),
+        n_tiles=-(-n // block_n),
+        platform=platform,
+    )
     st = _Static(
         activation=activation,
         ksize=ksize,
-        block_n=_tile(bs.block_n, n, 16),
-        block_c=_tile(bs.block_c, c, 16),  # >= 16: Triton's dot minimum, bf16 sublane tile
+        block_n=block_n,
+        block_c=block_c,  # >= 16: Triton's dot minimum, bf16 sublane tile
         block_n_bwd=_tile(bs.block_n_bwd or bs.block_n, n, 16),
         window=bool(window),
+        splits=splits,
+        tiles_per_split=per_split,
         interpret=interpret,
         backward=backward,
         platform=platform,
@@ -668,6 +716,17 @@ def conv_softmax_mix(
                     "not the whole row must be a multiple of 128 (Mosaic's lane alignment)"
                 )
     return _fused_jit(k, v, w, b, valid_len.astype(jnp.int32), st)
+
+
+def _splits(
+    requested: int | None, *, r: int, c_tiles: int, n_tiles: int, platform: str
+) -> tuple[int, int]:
+    """-> (splits, position tiles per split): at most one split per tile, and as few tiles per
+    split as the requested number allows (the last splits may be partly padding)."""
+    if requested is None:
+        requested = -(-MIN_GPU_PROGRAMS // (r * c_tiles)) if platform == "gpu" else 1
+    per_split = -(-n_tiles // min(requested, n_tiles))
+    return -(-n_tiles // per_split), per_split
 
 
 def _validate(k, v, layers, valid_len, activation, impl, backward) -> None:

@@ -141,6 +141,33 @@ class TestConvSoftmaxMix:
             assert g.shape == (R, C, d) and g.dtype == jnp.float32
             assert max_err(g, w) <= FWD_TOL[jnp.float32]
 
+    @pytest.mark.parametrize("splits", [2, 3, 8])
+    @pytest.mark.parametrize("case", ["ragged-k3", "d128-k21"])
+    def test_split_positions_match_reference(self, interpret, case, splits):
+        # The position tiles shared among programs (flash-decoding) and combined after: ragged-k3
+        # has 3 tiles (2 splits: one padded tile; 8: clamped to 3) and rows with valid_len 1 and
+        # 17 (later splits without a present position); d128-k21 has 4 tiles.
+        R, N, d, C, ksize, vl, bs = FWD_CASES[case]
+        k, v, layers, vl = make_inputs(3, R, N, d, C, ksize, valid_len=vl)
+        want = conv_softmax_mix_reference(k, v, layers, vl)
+        bs = dataclasses.replace(bs, splits=splits)
+        got = conv_softmax_mix(k, v, layers, vl, interpret=interpret, block_sizes=bs)
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == (R, C, d) and g.dtype == jnp.float32
+            assert max_err(g, w) <= FWD_TOL[jnp.float32]
+        (w, b) = layers[0]
+        loss = lambda fn: jax.grad(
+            lambda k, v, w, b: sum(jnp.sum(o * o) for o in fn(k, v, [(w, b)], vl)), (0, 1, 2, 3)
+        )
+        kern = lambda k, v, lay, vl: conv_softmax_mix(
+            k, v, lay, vl, interpret=interpret, block_sizes=bs
+        )
+        pairs = zip(
+            loss(kern)(k, v, w, b), loss(conv_softmax_mix_reference)(k, v, w, b), strict=True
+        )
+        for g, wt in pairs:
+            assert rel_err(g, wt) <= GRAD_RTOL  # the backward reads the combined logsumexp
+
     def test_window_tile_loads(self, interpret):
         # The TPU strategy (one aligned window load, static tap slices); the forward cases above
         # run the per-tap loads everywhere except on TPU.
@@ -385,6 +412,19 @@ def test_kernel_lowers_for_accelerators(platform, dtype):
         hlo = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
         calls = re.findall(r"custom_call @([\w$.]+)", hlo)
         assert calls.count(KERNEL_CALL[platform]) == n_kernels, calls
+
+
+def test_split_count_per_platform():
+    # (requested, rows, channel tiles, position tiles, platform) -> (splits, tiles per split)
+    assert lf._splits(None, r=3, c_tiles=1, n_tiles=4, platform="cpu") == (1, 4)
+    assert lf._splits(None, r=3, c_tiles=1, n_tiles=4, platform="tpu") == (1, 4)
+    assert lf._splits(None, r=3, c_tiles=1, n_tiles=4, platform="gpu") == (4, 1)
+    assert lf._splits(None, r=3, c_tiles=1, n_tiles=400, platform="gpu") == (80, 5)  # 86 asked
+    assert lf._splits(None, r=256, c_tiles=2, n_tiles=40, platform="gpu") == (1, 40)
+    assert lf._splits(2, r=1, c_tiles=1, n_tiles=3, platform="cpu") == (2, 2)
+    k, v, layers, vl = make_inputs(0, 2, 32, 16, 16, 3)
+    with pytest.raises(ValueError, match="block_sizes.splits must be a positive int"):
+        conv_softmax_mix(k, v, layers, vl, block_sizes=BlockSizes(splits=0))
 
 
 def test_unknown_platform_is_named():

@@ -57,7 +57,7 @@ print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', 
   timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_kernel_fusion.py > $OUT/kernel_tests.log 2>&1
   echo "kernel tests rc $?"; tail -40 $OUT/kernel_tests.log
   log "bench_fusion"
-  timeout 100 $PY experiments/bench_fusion.py --batches 1 8 --iters 10 --hbm-gbps 4800 \
+  timeout 100 $PY experiments/bench_fusion.py --batches 1 8 --iters 10 --hbm-gbps 4800 --splits 1 4 \
     --out $OUT/bench_fusion_gpu.json > $OUT/bench_fusion.log 2>&1
   echo "bench_fusion rc $?"; tail -30 $OUT/bench_fusion.log
   log done
