@@ -74,6 +74,18 @@ def build(params, cfg, M: int, B: int, v: dict[str, str]):
     return p, ccfg, None if path is None else str(Path(path).resolve().relative_to(ROOT))
 
 
+def _vs_first(r: dict, first: dict, L: int) -> str:
+    """r's perplexity at L, and (beside it, unless r is the first row) its paired gap to the
+    first row's."""
+    v = r["ppl"].get(str(L))
+    if v is None:
+        return "-"
+    se = results.paired_se(r, first, L)
+    if se is None:
+        return f"{v:.2f}"
+    return f"{v:.2f} ({v - first['ppl'][str(L)]:+.2f} ± {se:.2f})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--text", default=str(ROOT / "data/austen/northangerabbey.txt"))
@@ -111,7 +123,7 @@ def main() -> None:
             "a": v.get("a"),
         }
         row = store.get(key)
-        if row is None:
+        if row is None or "block_nll" not in row:  # rows from before paired SEs: redo
             t0 = time.perf_counter()
             nll = evaluate.nll_per_token(p, ids, cfg, ccfg, progress=True, desc=v["label"])
             a = np.asarray(lococo.mixing_weight(ccfg, p["lococo"]["normalizer"]))
@@ -124,6 +136,7 @@ def main() -> None:
                     a_mean=float(a.mean()),
                     seconds=time.perf_counter() - t0,
                     ppl=evaluate.prefix_perplexities(nll, lengths),
+                    block_nll={str(L): results.block_means(nll, L, B) for L in lengths},
                 ),
             )
             print(row["label"], {k: round(x, 3) for k, x in row["ppl"].items()}, flush=True)
@@ -135,7 +148,7 @@ def main() -> None:
     for r in rows:
         c = r["compression_config"]
         name = r["file"] or "random init"
-        vals = " | ".join(f"{r['ppl'].get(str(L), float('nan')):.2f}" for L in lengths)
+        vals = " | ".join(_vs_first(r, rows[0], L) for L in lengths)
         lines.append(
             f"| {r['label']} | {name} | {c['hh_keep_rate']} | {c['local_len']} | "
             f"{c['kernel_size']} | {c['n_convlayer']} | {r['a_mean']:.3f} | {vals} |"
@@ -145,9 +158,10 @@ def main() -> None:
     prov = sorted({(r["provenance"]["command"], r["provenance"]["device"]) for r in rows})
     store.path.with_suffix(".md").write_text(
         f"LoCoCo ablations at M = {M}, B = {B}: perplexity of the first L tokens of "
-        f"{text['name']} ({results.text_split(args.text)}).\n\n{md}\n\nCommands and devices:\n"
-        + "\n".join(f"- `{a}` on {d}" for a, d in prov)
-        + "\n"
+        f"{text['name']} ({results.text_split(args.text)}). In brackets: the gap to the first "
+        f"row ± its standard error, paired over the same blocks of {B} predictions (the "
+        f"blocks inside the first L tokens; ppl * SE of the per-block NLL differences).\n\n"
+        f"{md}\n\nCommands and devices:\n" + "\n".join(f"- `{a}` on {d}" for a, d in prov) + "\n"
     )
     print(f"wrote {store.path}, {store.path.with_suffix('.md')}")
 

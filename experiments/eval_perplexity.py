@@ -55,22 +55,9 @@ def table(cells: list[dict], lengths: list[int]) -> str:
     return "\n".join(lines)
 
 
-def paired_se(c: dict, ref: dict | None, L: int) -> float | None:
-    """Standard error of c's perplexity gap to ref (full attention) at length L, paired over
-    the same blocks of the same text: ppl * SE of the per-block NLL differences (delta
-    method). None where either cell lacks per-block NLLs or they do not line up."""
-    if ref is None or c is ref:
-        return None
-    a = (c.get("block_nll") or {}).get(str(L))
-    b = (ref.get("block_nll") or {}).get(str(L))
-    if a is None or b is None or len(a) != len(b):
-        return None
-    return c["ppl"][str(L)] * results.mean_se(np.subtract(a, b))[1]
-
-
 def _fmt(c: dict, L: int, ref: dict | None = None) -> str:
     v = c["ppl"][str(L)]
-    se = paired_se(c, ref, L)
+    se = results.paired_se(c, ref, L)
     return f"{v:.2f}" if se is None else f"{v:.2f} ± {se:.2f}"
 
 
@@ -124,7 +111,7 @@ def best_rows(store: results.ResultStore, fraction: float) -> list[dict]:
         for L in sorted({c["length"] for c in frac}):
             full = _full_at([c for c in here if c.get("fraction") is None], L)
             here_L = [c for c in frac if c["length"] == L]
-            cand = [(_name(c), c["ppl"][str(L)], paired_se(c, full, L)) for c in here_L]
+            cand = [(_name(c), c["ppl"][str(L)], results.paired_se(c, full, L)) for c in here_L]
             cand = [(n, m, float("nan") if se is None else se) for n, m, se in cand]
             best = results.best_of(cand, higher=False)
             ranked = sorted(cand, key=lambda e: e[1])
@@ -134,7 +121,7 @@ def best_rows(store: results.ResultStore, fraction: float) -> list[dict]:
                 # the runner-up's gap to the best, paired over the same blocks
                 b = next(c for c in here_L if _name(c) == best[0][0])
                 r = next(c for c in here_L if _name(c) == rest[0][0])
-                se = paired_se(r, b, L)
+                se = results.paired_se(r, b, L)
                 gap = r["ppl"][str(L)] - b["ppl"][str(L)]
                 note = f"+{gap:.2f}" + (f" ± {se:.2f}" if se is not None else "") + " paired"
             rows.append(
@@ -241,7 +228,7 @@ def plot(store: results.ResultStore, path: Path) -> None:
                     (
                         c["fraction"],
                         c["ppl"][str(c["length"])],
-                        paired_se(c, _full_at(fixed_here, c["length"]), c["length"]) or 0.0,
+                        results.paired_se(c, _full_at(fixed_here, c["length"]), c["length"]) or 0.0,
                     )
                     for c in here
                     if _name(c) == name

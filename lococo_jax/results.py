@@ -71,6 +71,20 @@ def perplexity_se(blocks: Any) -> float:
     return float(np.exp(m) * se)
 
 
+def paired_se(c: dict, ref: dict | None, L: int) -> float | None:
+    """Standard error of cell c's perplexity gap to cell ref at length L, paired over the same
+    blocks of the same text (each cell's ``block_nll[str(L)]``, block_means): ppl * SE of the
+    per-block NLL differences (delta method). None where either cell lacks per-block NLLs or
+    they do not line up."""
+    if ref is None or c is ref:
+        return None
+    a = (c.get("block_nll") or {}).get(str(L))
+    b = (ref.get("block_nll") or {}).get(str(L))
+    if a is None or b is None or len(a) != len(b):
+        return None
+    return c["ppl"][str(L)] * mean_se(np.subtract(a, b))[1]
+
+
 def best_of(entries: list[tuple[str, float, float]], higher: bool = True) -> list[tuple]:
     """entries (label, mean, se) -> the entries whose mean is the best (ties all kept, in
     label order); higher=False for perplexity."""

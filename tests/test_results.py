@@ -116,6 +116,19 @@ def test_block_means_and_perplexity_se():
     assert results.perplexity_se([2.0, 2.0]) == 0.0
 
 
+def test_paired_se_uses_the_per_block_differences():
+    a = {"ppl": {"1024": 20.0}, "block_nll": {"1024": [1.0, 2.0, 3.0]}}
+    b = {"ppl": {"1024": 19.0}, "block_nll": {"1024": [0.5, 1.5, 3.5]}}
+    # differences 0.5, 0.5, -0.5: sample std 1 / sqrt(3), over sqrt(3) -> 1/3; times a's ppl
+    assert results.paired_se(a, b, 1024) == pytest.approx(20.0 / 3)
+    assert results.paired_se(a, a, 1024) is None
+    assert results.paired_se(a, None, 1024) is None
+    assert results.paired_se(a, {"ppl": {"1024": 1.0}}, 1024) is None  # no blocks: no SE
+    short = {"ppl": {"1024": 19.0}, "block_nll": {"1024": [0.5, 1.5]}}
+    assert results.paired_se(a, short, 1024) is None  # blocks that do not line up
+    assert results.paired_se(a, b, 2048) is None
+
+
 def test_best_of_keeps_ties_and_direction():
     e = [("a", 50.0, 10.0), ("b", 75.0, 5.0), ("c", 75.0, 8.0), ("d", 20.0, 1.0)]
     assert [x[0] for x in results.best_of(e)] == ["b", "c"]
