@@ -92,6 +92,14 @@ def main() -> None:
     ap.add_argument("--cache-size", type=int, default=128)
     ap.add_argument("--chunk-size", type=int, default=128)
     ap.add_argument("--length", type=int, default=4096, help="ppl at 1K, 2K, ... up to this")
+    ap.add_argument(
+        "--offsets",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="slices of the text starting this many tokens in (several: a table per slice and "
+        "one pooled over them, e.g. 0 25000 50000 75000 for four 4K slices of one book)",
+    )
     ap.add_argument("--variant", action="append", required=True, help="see above")
     ap.add_argument("--out", default=None, help="result JSON (resumed); default: a new run folder")
     ap.add_argument(
@@ -108,40 +116,83 @@ def main() -> None:
     text = results.text_fingerprint(args.text)
     ids = np.asarray(
         tok.encode(Path(args.text).read_text(encoding="utf-8"), add_special_tokens=False), np.int32
-    )[:Lmax]
-    lengths = [L for L in (1024, 2048, 4096, 8192, 16384) if L <= Lmax]
-    rows = []
-    for v in variants:
-        p, ccfg, path = build(params, cfg, M, B, v)
-        key = {
-            "benchmark": "ablation",
-            "text": text,
-            "length": Lmax,
-            "model": model_fp,
-            "compressors": path and {"file": path, "sha256": compressors.file_sha256(ROOT / path)},
-            "config": dataclasses.asdict(ccfg),
-            "a": v.get("a"),
-        }
-        row = store.get(key)
-        if row is None or "block_nll" not in row:  # rows from before paired SEs: redo
-            t0 = time.perf_counter()
-            nll = evaluate.nll_per_token(p, ids, cfg, ccfg, progress=True, desc=v["label"])
-            a = np.asarray(lococo.mixing_weight(ccfg, p["lococo"]["normalizer"]))
-            row = store.put(
-                key,
-                dict(
-                    label=v["label"],
-                    file=path,
-                    compression_config=dataclasses.asdict(ccfg),
-                    a_mean=float(a.mean()),
-                    seconds=time.perf_counter() - t0,
-                    ppl=evaluate.prefix_perplexities(nll, lengths),
-                    block_nll={str(L): results.block_means(nll, L, B) for L in lengths},
-                ),
+    )
+    for off in args.offsets:
+        if off < 0 or off + Lmax > len(ids):
+            raise SystemExit(
+                f"--offsets {off} + --length {Lmax} must lie inside {args.text} ({len(ids)} tokens)"
             )
-            print(row["label"], {k: round(x, 3) for k, x in row["ppl"].items()}, flush=True)
-        rows.append(row)
+    lengths = [L for L in (1024, 2048, 4096, 8192, 16384) if L <= Lmax]
+    built = [build(params, cfg, M, B, v) for v in variants]
+    slices = {}
+    for off in args.offsets:
+        slices[off] = []
+        for v, (p, ccfg, path) in zip(variants, built, strict=True):
+            key = {
+                "benchmark": "ablation",
+                "text": text,
+                "length": Lmax,
+                "model": model_fp,
+                "compressors": path
+                and {"file": path, "sha256": compressors.file_sha256(ROOT / path)},
+                "config": dataclasses.asdict(ccfg),
+                "a": v.get("a"),
+            }
+            if off:  # absent at 0, so the cells written before --offsets keep their keys
+                key["offset"] = off
+            row = store.get(key)
+            if row is None or "block_nll" not in row:  # rows from before paired SEs: redo
+                t0 = time.perf_counter()
+                nll = evaluate.nll_per_token(
+                    p, ids[off : off + Lmax], cfg, ccfg, progress=True, desc=v["label"]
+                )
+                a = np.asarray(lococo.mixing_weight(ccfg, p["lococo"]["normalizer"]))
+                row = store.put(
+                    key,
+                    dict(
+                        label=v["label"],
+                        file=path,
+                        offset=off,
+                        compression_config=dataclasses.asdict(ccfg),
+                        a_mean=float(a.mean()),
+                        seconds=time.perf_counter() - t0,
+                        ppl=evaluate.prefix_perplexities(nll, lengths),
+                        block_nll={str(L): results.block_means(nll, L, B) for L in lengths},
+                    ),
+                )
+                print(row["label"], {k: round(x, 3) for k, x in row["ppl"].items()}, flush=True)
+            slices[off].append(row)
 
+    parts = []
+    for off, rows in slices.items():
+        if len(slices) > 1:
+            parts.append(f"### From token {off} on\n")
+        parts.append(_table(rows, lengths))
+    if len(slices) > 1:
+        pooled = [_pool([rows[i] for rows in slices.values()], lengths) for i in range(len(built))]
+        parts.append(f"### Pooled over the {len(slices)} slices\n")
+        parts.append(
+            "Perplexity: exp of the mean block NLL over every slice's blocks inside its first L "
+            "tokens; the gap's SE is paired over all of them.\n\n" + _table(pooled, lengths)
+        )
+    md = "\n\n".join(parts)
+    print("\n" + md)
+    rows = [r for rs in slices.values() for r in rs]
+    prov = sorted({(r["provenance"]["command"], r["provenance"]["device"]) for r in rows})
+    where = "" if args.offsets == [0] else f" (from the token offsets {args.offsets})"
+    store.path.with_suffix(".md").write_text(
+        f"LoCoCo ablations at M = {M}, B = {B}: perplexity of the first L tokens of "
+        f"{text['name']}{where} ({results.text_split(args.text)}). In brackets: the gap to "
+        f"the first row ± its standard error, paired over the same blocks of {B} predictions "
+        f"(the blocks inside the first L tokens; ppl * SE of the per-block NLL differences)."
+        f"\n\n{md}\n\nCommands and devices:\n"
+        + "\n".join(f"- `{a}` on {d}" for a, d in prov)
+        + "\n"
+    )
+    print(f"wrote {store.path}, {store.path.with_suffix('.md')}")
+
+
+def _table(rows: list[dict], lengths: list[int]) -> str:
     head = "| variant | file | r | local | k | conv layers | mean a | "
     lines = [head + " | ".join(f"{L // 1024}K" for L in lengths) + " |"]
     lines.append("|---" * (7 + len(lengths)) + "|")
@@ -153,17 +204,15 @@ def main() -> None:
             f"| {r['label']} | {name} | {c['hh_keep_rate']} | {c['local_len']} | "
             f"{c['kernel_size']} | {c['n_convlayer']} | {r['a_mean']:.3f} | {vals} |"
         )
-    md = "\n".join(lines)
-    print("\n" + md)
-    prov = sorted({(r["provenance"]["command"], r["provenance"]["device"]) for r in rows})
-    store.path.with_suffix(".md").write_text(
-        f"LoCoCo ablations at M = {M}, B = {B}: perplexity of the first L tokens of "
-        f"{text['name']} ({results.text_split(args.text)}). In brackets: the gap to the first "
-        f"row ± its standard error, paired over the same blocks of {B} predictions (the "
-        f"blocks inside the first L tokens; ppl * SE of the per-block NLL differences).\n\n"
-        f"{md}\n\nCommands and devices:\n" + "\n".join(f"- `{a}` on {d}" for a, d in prov) + "\n"
-    )
-    print(f"wrote {store.path}, {store.path.with_suffix('.md')}")
+    return "\n".join(lines)
+
+
+def _pool(rows: list[dict], lengths: list[int]) -> dict:
+    """One variant's rows on several slices -> a row over all their blocks (ppl: exp of the
+    mean block NLL; block_nll: the slices' blocks one after another)."""
+    blocks = {str(L): [x for r in rows for x in r["block_nll"][str(L)]] for L in lengths}
+    ppl = {k: float(np.exp(np.mean(b))) for k, b in blocks.items()}
+    return dict(rows[0], ppl=ppl, block_nll=blocks)
 
 
 if __name__ == "__main__":

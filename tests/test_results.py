@@ -184,3 +184,36 @@ def test_fixed_m_table_shows_the_newest_cell_per_setting():
     # another M or another set of lengths is another row
     cells.append(cell("lococo", 19.5, "23:30:00", M=128))
     assert len(eval_perplexity.table(cells, [1024]).splitlines()) == 2 + 4
+
+
+def test_ablation_pools_slices_and_pairs_their_blocks():
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import ablate_lococo
+
+    def row(label, blocks):
+        ccfg = CompressionConfig(policy="lococo", cache_size=64).__dict__
+        nll = {"1024": blocks}
+        return {
+            "label": label,
+            "file": None,
+            "a_mean": 0.0,
+            "compression_config": ccfg,
+            "ppl": {"1024": float(np.exp(np.mean(blocks)))},
+            "block_nll": nll,
+        }
+
+    slice_a = [row("lococo", [1.0, 2.0]), row("anchors", [1.5, 2.5])]
+    slice_b = [row("lococo", [3.0, 3.0]), row("anchors", [2.5, 3.5])]
+    pooled = [ablate_lococo._pool([s[i] for s in (slice_a, slice_b)], [1024]) for i in (0, 1)]
+    assert pooled[0]["block_nll"]["1024"] == [1.0, 2.0, 3.0, 3.0]
+    assert pooled[1]["ppl"]["1024"] == pytest.approx(np.exp(2.5))
+    # differences 0.5, 0.5, -0.5, 0.5: mean 0.25, sample std 0.5, SE 0.25
+    assert results.paired_se(pooled[1], pooled[0], 1024) == pytest.approx(np.exp(2.5) * 0.25)
+    table = ablate_lococo._table(pooled, [1024])
+    gap = np.exp(2.5) - np.exp(2.25)
+    assert f"| {np.exp(2.5):.2f} (+{gap:.2f} ± {np.exp(2.5) * 0.25:.2f}) |" in table
