@@ -15,6 +15,8 @@ run folder unless --out names a file (resumed) or --write updates experiments/re
 
     python experiments/ablate_lococo.py --cache-size 128 --length 4096 \\
         --variant "label=committed" --variant "a=0" --variant "a=0,local_len=64"
+    python experiments/ablate_lococo.py --cache-size 128 --offsets 0 25000 50000 75000 \\
+        --variant "label=committed" --variant "a=0"   # four validation slices, pooled too
 """
 
 from __future__ import annotations
@@ -166,11 +168,11 @@ def main() -> None:
     parts = []
     for off, rows in slices.items():
         if len(slices) > 1:
-            parts.append(f"### From token {off} on\n")
+            parts.append(f"### From token {off} on")
         parts.append(_table(rows, lengths))
     if len(slices) > 1:
         pooled = [_pool([rows[i] for rows in slices.values()], lengths) for i in range(len(built))]
-        parts.append(f"### Pooled over the {len(slices)} slices\n")
+        parts.append(f"### Pooled over the {len(slices)} slices")
         parts.append(
             "Perplexity: exp of the mean block NLL over every slice's blocks inside its first L "
             "tokens; the gap's SE is paired over all of them.\n\n" + _table(pooled, lengths)
