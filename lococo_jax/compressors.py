@@ -54,9 +54,9 @@ def save_compressors(
     for i, conv in enumerate(params["convs"]):
         w = np.asarray(conv["w"], np.float32).astype(conv_dtype)
         b = np.asarray(conv["b"], np.float32)
-        take = _repeated_channels(w, b)
-        if take is not None:
-            kept = np.unique(take, return_index=True)[1]  # each one's first channel
+        repeated = _repeated_channels(w, b)
+        if repeated is not None:
+            kept, take = repeated
             w, b = w[..., kept], b[..., kept]
             tensors[f"convs.{i}.take"] = take
         # contiguous: safetensors (0.8) writes a strided view's underlying buffer, not its elements
@@ -87,10 +87,10 @@ def save_compressors(
     return path
 
 
-def _repeated_channels(w: np.ndarray, b: np.ndarray) -> np.ndarray | None:
-    """w [..., out], b [..., out] -> None if every output channel is distinct, else take [out]
-    (int32): channel j's index among the distinct channels (each one's first occurrence,
-    in order), so that w == w[..., unique][..., take]."""
+def _repeated_channels(w: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """w [..., out], b [..., out] -> None if every output channel is distinct, else (kept [U]:
+    each distinct channel's first occurrence, in order; take [out] int32: channel j's index
+    among them), so that w == w[..., kept][..., take]."""
     out = w.shape[-1]
     rows = np.concatenate(
         [np.moveaxis(w, -1, 0).reshape(out, -1).astype(np.float32), b.reshape(-1, out).T], axis=1
@@ -98,9 +98,10 @@ def _repeated_channels(w: np.ndarray, b: np.ndarray) -> np.ndarray | None:
     _, first, inverse = np.unique(rows, axis=0, return_index=True, return_inverse=True)
     if len(first) == out:
         return None
+    order = np.argsort(first)
     rank = np.empty(len(first), np.int32)
-    rank[np.argsort(first)] = np.arange(len(first), dtype=np.int32)
-    return rank[inverse.reshape(-1)]
+    rank[order] = np.arange(len(first), dtype=np.int32)
+    return first[order], rank[inverse.reshape(-1)]
 
 
 def _expand(path: str | Path, i: int, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
