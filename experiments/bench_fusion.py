@@ -41,6 +41,7 @@ from kernels.lococo_fusion import (  # noqa: E402
     BlockSizes,
     conv_softmax_mix,
     conv_softmax_mix_reference,
+    forward_tiles,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -206,12 +207,7 @@ def bench_size(name: str, size: Size, batch: int, args: argparse.Namespace) -> d
 
 def _resolved_splits(bs: BlockSizes, r: int, n: int, c: int) -> int:
     """How many programs share a (row, channel tile)'s positions in the forward on this backend."""
-    from kernels import lococo_fusion as lf
-
-    block_n, block_c = lf._tile(bs.block_n, n, 16), lf._tile(bs.block_c, c, 16)
-    platform = jax.default_backend()
-    n_tiles, c_tiles = -(-n // block_n), -(-c // block_c)
-    return lf._splits(bs.splits, r=r, c_tiles=c_tiles, n_tiles=n_tiles, platform=platform)[0]
+    return forward_tiles(bs, r, n, c, jax.default_backend())[2]
 
 
 def print_table(rows: list[dict]) -> None:

@@ -267,12 +267,12 @@ def _fwd_kernel(kp_ref, vp_ref, wk_ref, wv_ref, b_ref, mask_ref, *out_refs, st: 
     bc, d = out_refs[0].shape
     bias = b_ref[...].astype(jnp.float32)
     first = 0 if st.splits == 1 else pl.program_id(2) * n_tiles
+    # One tile in all: a static 0. Mosaic must prove a dynamic lane offset (the mask's last
+    # axis) a multiple of 128, which i * bn with bn < 128 is not.
+    one = n_tiles == 1 and st.splits == 1
 
     def body(i, carry):
         m, l, acc_k, acc_v = carry
-        # One tile: a static 0. Mosaic must prove a dynamic lane offset (the mask's last axis)
-        # a multiple of 128, which i * bn with bn < 128 is not.
-        one = n_tiles == 1 and st.splits == 1
         start = 0 if one else pl.multiple_of((first + i) * bn, bn)
         s, k_t, v_t = _tile_logits(
             kp_ref,
@@ -687,19 +687,12 @@ def conv_softmax_mix(
             )
     n, c = k.shape[1], w.shape[2]
     window = bs.window_loads if bs.window_loads is not None else platform == "tpu"
-    block_n, block_c = _tile(bs.block_n, n, 16), _tile(bs.block_c, c, 16)
-    splits, per_split = _splits(
-        bs.splits,
-        r=k.shape[0],
-        c_tiles=-(-c // block_c),
-        n_tiles=-(-n // block_n),
-        platform=platform,
-    )
+    block_n, block_c, splits, per_split = forward_tiles(bs, k.shape[0], n, c, platform)
     st = _Static(
         activation=activation,
         ksize=ksize,
         block_n=block_n,
-        block_c=block_c,  # >= 16: Triton's dot minimum, bf16 sublane tile
+        block_c=block_c,
         block_n_bwd=_tile(bs.block_n_bwd or bs.block_n, n, 16),
         window=bool(window),
         splits=splits,
@@ -716,6 +709,19 @@ def conv_softmax_mix(
                     "not the whole row must be a multiple of 128 (Mosaic's lane alignment)"
                 )
     return _fused_jit(k, v, w, b, valid_len.astype(jnp.int32), st)
+
+
+def forward_tiles(
+    bs: BlockSizes, r: int, n: int, c: int, platform: str
+) -> tuple[int, int, int, int]:
+    """The forward's tiling for R = r rows, N = n positions, C = c channels on ``platform``:
+    (block_n, block_c, splits, position tiles per split)."""
+    block_n = _tile(bs.block_n, n, 16)
+    block_c = _tile(bs.block_c, c, 16)  # >= 16: Triton's dot minimum, bf16 sublane tile
+    splits, per_split = _splits(
+        bs.splits, r=r, c_tiles=-(-c // block_c), n_tiles=-(-n // block_n), platform=platform
+    )
+    return block_n, block_c, splits, per_split
 
 
 def _splits(
