@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kernels.lococo_fusion import _conv_same, conv_softmax_mix  # noqa: E402
 from lococo_jax import policies, results  # noqa: E402
-from lococo_jax.config import CompressionConfig, LlamaConfig  # noqa: E402
+from lococo_jax.config import CompressionConfig, ConfigError, LlamaConfig  # noqa: E402
 from lococo_jax.models import ARCHITECTURES  # noqa: E402
 from lococo_jax.policies import lococo  # noqa: E402
 from lococo_jax.policies.base import Entries  # noqa: E402
@@ -70,13 +70,26 @@ def best_ms(fn, args: tuple, iters: int, repeats: int) -> float:
     return best * 1e3
 
 
-def bench(cfg: LlamaConfig, M: int, args: argparse.Namespace) -> list[dict]:
-    B, L = args.chunk, cfg.num_hidden_layers
+def policy_configs(M: int, args: argparse.Namespace) -> list[CompressionConfig]:
+    """Each of --policies at cache size M (lococo with local_len M/4, as the committed files)."""
+    return [
+        CompressionConfig(
+            policy=pol,
+            cache_size=M,
+            chunk_size=args.chunk,
+            **({"local_len": M // 4} if pol == "lococo" else {}),
+        )
+        for pol in args.policies
+    ]
+
+
+def bench(cfg: LlamaConfig, ccfgs: list[CompressionConfig], args: argparse.Namespace) -> list[dict]:
+    """Rows for each policy's step at one cache size (every ccfg shares M and B)."""
+    M, B, L = ccfgs[0].cache_size, ccfgs[0].chunk_size, cfg.num_hidden_layers
     e = steady_entries(cfg, M, B, args.batch, args.seed)
     rows = []
-    for pol in args.policies:
-        extra = {"local_len": M // 4} if pol == "lococo" else {}
-        ccfg = CompressionConfig(policy=pol, cache_size=M, chunk_size=B, **extra)
+    for ccfg in ccfgs:
+        pol = ccfg.policy
         cp = None
         if pol == "lococo":
             stacked = lococo.init_params(jax.random.key(args.seed), cfg, ccfg)
@@ -178,10 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     for M in args.cache_sizes:
         if M < 8 or M % 4:
             raise SystemExit(f"--cache-sizes: {M} is not a positive multiple of 4 (>= 8)")
+    try:  # every configuration is checked before anything is timed
+        configs = {M: policy_configs(M, args) for M in args.cache_sizes}
+    except ConfigError as err:
+        raise SystemExit(f"--cache-sizes / --chunk: {err}") from None
     cfg = ARCHITECTURES[args.model]
     rows = []
-    for M in args.cache_sizes:
-        for r in bench(cfg, M, args):
+    for M, ccfgs in configs.items():
+        for r in bench(cfg, ccfgs, args):
             print(f"M = {M}, {r['what']}: {r['ms_chunk']:.1f} ms per chunk", flush=True)
             rows.append(r)
     result = {
