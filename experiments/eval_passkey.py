@@ -63,7 +63,7 @@ def plot(cells: list[dict], path: Path) -> None:
     # nothing: full is drawn in the kept-fraction panel
     show_fixed = any(c["policy"] != "full" for c in fixed) or not frac
     panels = [p for p, here in (("fixed", fixed if show_fixed else []), ("frac", frac)) if here]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 4), squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
         if panel == "fixed":
             names = sorted(
@@ -127,7 +127,7 @@ def plot(cells: list[dict], path: Path) -> None:
         ax.set_ylim(-0.05, 1.05)
         ax.set_ylabel("passkey accuracy")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside, not over
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
