@@ -8,10 +8,9 @@ Run as ``python tests/_fusion_mesh_worker.py``; prints one JSON line ("RESULT {.
   operands), forward and backward.
 """
 
-import os
+from _fake_cpu import use_fake_cpu_devices
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"  # before jax is imported
-os.environ["JAX_PLATFORMS"] = "cpu"  # fake CPU devices, also on a host with a GPU
+use_fake_cpu_devices(8)  # before jax is imported
 
 import json  # noqa: E402
 import re  # noqa: E402

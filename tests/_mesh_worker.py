@@ -11,11 +11,11 @@ a 2x2x2 mesh; prints its losses; process 0 saves the final params to WORK_DIR/pa
 import os
 import sys
 
+from _fake_cpu import use_fake_cpu_devices
+
 MULTI = len(sys.argv) > 1 and sys.argv[1] == "--process"
 N_LOCAL = 4 if MULTI else 8
-# Before jax is imported.
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={N_LOCAL}"
-os.environ["JAX_PLATFORMS"] = "cpu"  # fake CPU devices, also on a host with a GPU
+use_fake_cpu_devices(N_LOCAL)  # before jax is imported
 
 import json  # noqa: E402
 
