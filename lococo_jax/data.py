@@ -24,6 +24,7 @@ to finish wins and the others reuse it).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -120,6 +121,21 @@ def _local_builder_cls():
 _BUILDER = None
 
 
+@contextlib.contextmanager
+def _tfds_scratch() -> Iterator[None]:
+    """Point tempfile at a folder removed on exit. Constructing a TFDS builder whose dataset is
+    not prepared yet calls DatasetInfo.initialize_from_bucket, which makes an empty
+    ``tempfile.mkdtemp("tfds")`` and never removes it (tensorflow-datasets 4.9.10): one stray
+    /tmp/tmp*tfds per build without this."""
+    old = tempfile.tempdir
+    with tempfile.TemporaryDirectory(prefix="lococo-tfds-") as scratch:
+        tempfile.tempdir = scratch
+        try:
+            yield
+        finally:
+            tempfile.tempdir = old
+
+
 def files_digest(paths: Sequence[Path]) -> str:
     """16 hex digits of a sha256 over the files' names and contents, in order."""
     h = hashlib.sha256()
@@ -136,7 +152,8 @@ def build_local(files: Sequence[str], data_dir: str) -> Any:
     root = Path(os.path.expanduser(data_dir)) / f"local_{files_digest(paths)}"
     if _BUILDER is None:  # defining the class registers it with tfds; do it once
         _BUILDER = _local_builder_cls()
-    builder = _BUILDER(files=paths, data_dir=str(root), file_format="array_record")
+    with _tfds_scratch():
+        builder = _BUILDER(files=paths, data_dir=str(root), file_format="array_record")
     builder.download_and_prepare()
     return builder.as_data_source(split="train")
 
@@ -150,7 +167,8 @@ def _tfds_builder(name: str, data_dir: str) -> Any:
     import tensorflow_datasets as tfds
 
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
+        with _tfds_scratch():
+            builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
         raise DataError(f"TFDS dataset {name!r} is unknown to tfds ({e})") from None
     if not builder.is_prepared():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +131,16 @@ def test_token_cache_packs_exactly_like_pack_and_streams_from_disk(tmp_path):
     mem = data.Loader(ref, 4, seed=3)
     for _ in range(3):
         np.testing.assert_array_equal(loader.next(), mem.next())
+
+
+def test_building_leaves_nothing_in_the_temp_dir(tmp_path, monkeypatch):
+    """tfds 4.9.10 makes an empty mkdtemp("tfds") per builder of an unprepared dataset; the
+    build must not leave it (or anything else) in the system temp dir."""
+    scratch = tmp_path / "system_tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    (tmp_path / "a.txt").write_text("a fresh document. " * 40)
+    dcfg = data.DataConfig(files=(str(tmp_path / "a.txt"),), data_dir=str(tmp_path / "tfds"))
+    assert data.load_documents(dcfg)[0].startswith("a fresh document.")
+    assert sorted(p.name for p in scratch.iterdir()) == []
+    assert tempfile.tempdir == str(scratch)
